@@ -1,0 +1,297 @@
+"""The one training loop that every model uses.
+
+A model hands the loop a `Task`: a state initialiser and a pure `state, batch, rng -> state, metrics`
+step. The loop owns everything else: the mesh and shardings (abstract state first, then a jitted
+init with `out_shardings`, as in flax's lm1b example), resuming (the workdir's own checkpoint, then
+an explicit resume path, then a params-only init path, else scratch — big_vision's order),
+checkpoints that include the data-iterator position, metrics with a non-finite guard,
+TensorBoard scalars and media, a progress bar, evaluation and preemption. It knows nothing of audio.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from ldm_jax import parallel
+from ldm_jax.checkpoint import Checkpointer, CheckpointError
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """What a model gives the loop.
+
+    Attributes:
+      name: the stage name, used in messages and TensorBoard tags.
+      init: `rng -> state`; the state is a pytree (a dict holding at least `step` and `params`).
+      step: pure `state, batch, rng -> (state, metrics)`; metrics a flat dict of scalars.
+        The step folds `rng` with `state["step"]` itself, so a resumed run draws the same keys.
+      model_config: the config section that fixes parameter shapes; checkpoints must match it.
+      prepare: host-side `numpy batch -> numpy batch` (field selection, tokenisation).
+      evaluate: optional `state -> {name: float}` run every `eval_every` steps and at the end.
+      media: optional `state -> {tag: ("audio", wave [T], sample_rate) | ("image", uint8 HWC)}`.
+      loss_key: the metric that must stay finite.
+    """
+
+    name: str
+    init: Callable[[jax.Array], Any]
+    step: Callable[[Any, dict, jax.Array], tuple[Any, dict]]
+    model_config: dict
+    prepare: Callable[[dict], dict] = lambda batch: batch
+    evaluate: Callable[[Any], dict] | None = None
+    media: Callable[[Any], dict] | None = None
+    loss_key: str = "loss"
+
+
+@dataclasses.dataclass
+class TrainResult:
+    state: Any
+    step: int
+    history: list[dict]
+    preempted: bool = False
+
+
+class _StopSignal:
+    """Turns SIGTERM/SIGINT into a flag the loop checks between steps (a second SIGINT kills)."""
+
+    def __init__(self):
+        self.raised = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.raised is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.raised = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def any_host(self) -> bool:
+        flag = self.raised is not None
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            flag = bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+        return flag
+
+
+class _Writer:
+    """TensorBoard and JSON-lines metrics, written by process 0 only."""
+
+    def __init__(self, logdir: str | None, metrics_path: str):
+        self.metrics_path = metrics_path
+        self.tb = None
+        if jax.process_index() == 0 and logdir:
+            from tensorboardX import SummaryWriter
+            self.tb = SummaryWriter(logdir, flush_secs=30)
+
+    def scalars(self, step: int, values: dict):
+        if jax.process_index() != 0:
+            return
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(k, v, step)
+
+    def media(self, step: int, items: dict):
+        if self.tb is None:
+            return
+        for tag, item in items.items():
+            if item[0] == "audio":
+                wave = np.clip(np.asarray(item[1], np.float32).reshape(-1), -1, 1)
+                self.tb.add_audio(tag, wave, step, sample_rate=int(item[2]))
+            elif item[0] == "image":
+                self.tb.add_image(tag, np.asarray(item[1]), step, dataformats="HWC")
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_history(workdir: str) -> list[dict]:
+    """The logged metrics of a stage, for reports and tests."""
+    path = os.path.join(workdir, METRICS_FILE)
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _abstract_with_shardings(abstract, shardings):
+    return jax.tree_util.tree_map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def initial_state(task: Task, rng, mesh, checkpointer: Checkpointer, *, resume_from: str = "",
+                  init_from: str = "", data_iterator=None):
+    """Resume order: own checkpoint, explicit resume path, params-only init path, scratch."""
+    abstract = jax.eval_shape(task.init, rng)
+    shardings = parallel.tree_shardings(abstract, mesh)
+    target = _abstract_with_shardings(abstract, shardings)
+    if checkpointer.latest_step() is not None:
+        return checkpointer.restore(target, data_iterator), shardings, "resumed"
+    if resume_from:
+        other = Checkpointer(resume_from, model_config=checkpointer.model_config)
+        return other.restore(target, data_iterator), shardings, f"resumed from {resume_from}"
+    state = jax.jit(task.init, out_shardings=shardings)(rng)
+    if init_from:
+        other = Checkpointer(init_from, model_config=checkpointer.model_config)
+        other.check_config()
+        loaded = other.restore_raw()
+        if "params" not in loaded:
+            raise CheckpointError(f"{init_from} holds no params to initialise from")
+        state = dict(state)
+        state["params"] = jax.device_put(
+            jax.tree_util.tree_map(np.asarray, loaded["params"]), shardings["params"])
+        return state, shardings, f"params from {init_from}"
+    return state, shardings, "scratch"
+
+
+def train(task: Task, data_iterator: Iterator[dict], *, workdir: str, num_steps: int,
+          seed: int = 0, mesh=None, checkpoint_cfg=None, log_cfg=None, eval_every: int = 0,
+          logdir: str | None = None) -> TrainResult:
+    """Runs (or resumes) training of one stage until `num_steps`.
+
+    Args:
+      task: the model's Task.
+      data_iterator: per-host numpy batches (a grain iterator: its position is checkpointed).
+      workdir: the stage directory; checkpoints go to `workdir/checkpoints`.
+      num_steps: the total number of steps of the run (a resumed run continues to it).
+      seed: base seed of the init and step keys.
+      mesh: a jax Mesh; all devices data-parallel when None.
+      checkpoint_cfg: `every_steps`, `keep`, `resume_from`, `init_from` (experiments/common.py).
+      log_cfg: `every_steps`, `audio_every_steps`, `progress`.
+      eval_every: evaluation period in steps (0: only at the end).
+      logdir: TensorBoard directory (none when empty).
+
+    Returns:
+      TrainResult with the final state, step and the logged history.
+
+    Raises:
+      NonFiniteLoss: the loss became NaN/Inf; nothing after the last good checkpoint is saved.
+    """
+    mesh = mesh if mesh is not None else parallel.make_mesh()
+    ck = dict(every_steps=500, keep=2, resume_from="", init_from="")
+    ck.update(dict(checkpoint_cfg or {}))
+    lg = dict(every_steps=50, audio_every_steps=0, progress=True)
+    lg.update(dict(log_cfg or {}))
+    os.makedirs(workdir, exist_ok=True)
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=ck["keep"],
+                                model_config=task.model_config)
+    init_rng, step_rng = jax.random.split(jax.random.key(seed))
+    state, shardings, origin = initial_state(
+        task, init_rng, mesh, checkpointer, resume_from=ck["resume_from"],
+        init_from=ck["init_from"], data_iterator=data_iterator)
+    step = int(jax.device_get(state["step"]))
+    logging.info("%s: %s at step %d of %d", task.name, origin, step, num_steps)
+    writer = _Writer(logdir, os.path.join(workdir, METRICS_FILE))
+    history, sums, count, last_saved = [], {}, 0, checkpointer.latest_step()
+    jitted, pending = None, None
+    bar = tqdm(total=num_steps, initial=step, desc=task.name, dynamic_ncols=True,
+               disable=not lg["progress"] or jax.process_index() != 0)
+    t_last, steps_since = time.perf_counter(), 0
+
+    def settle(item):
+        """Fetches one step's metrics and stops the run if the loss is not finite."""
+        nonlocal sums, count
+        at, metrics = item
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if not np.isfinite(metrics.get(task.loss_key, 0.0)):
+            good = checkpointer.latest_step()
+            where = f"the last good checkpoint is step {good} in {checkpointer.directory}" \
+                if good is not None else "no checkpoint was written"
+            raise NonFiniteLoss(f"{task.name}: {task.loss_key} became "
+                                f"{metrics[task.loss_key]} at step {at}; stopped, {where}")
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + v
+        count += 1
+
+    def save(at):
+        nonlocal last_saved
+        if last_saved != at:
+            checkpointer.save(at, state, data_iterator)
+            last_saved = at
+
+    preempted = False
+    try:
+        with _StopSignal() as stop:
+            while step < num_steps:
+                host_batch = task.prepare(next(data_iterator))
+                batch = parallel.global_batch(mesh, host_batch)
+                if jitted is None:
+                    jitted = jax.jit(task.step, donate_argnums=(0,),
+                                     in_shardings=(shardings, parallel.batch_shardings(mesh, batch),
+                                                   parallel.replicated(mesh)),
+                                     out_shardings=(shardings, parallel.replicated(mesh)))
+                state, metrics = jitted(state, batch, step_rng)
+                step += 1
+                if pending is not None:
+                    settle(pending)  # the previous step's metrics: no stall on this one
+                pending = (step, metrics)
+                bar.update(1)
+                steps_since += 1
+                log_now = step % lg["every_steps"] == 0 or step == num_steps
+                ckpt_now = ck["every_steps"] and step % ck["every_steps"] == 0
+                if log_now or ckpt_now:
+                    settle(pending)
+                    pending = None
+                if log_now:
+                    now = time.perf_counter()
+                    row = {f"train/{k}": v / max(count, 1) for k, v in sums.items()}
+                    row["train/steps_per_sec"] = steps_since / max(now - t_last, 1e-9)
+                    sums, count, t_last, steps_since = {}, 0, now, 0
+                    if eval_every and task.evaluate and step % eval_every == 0 \
+                            and step != num_steps:
+                        row.update({f"eval/{k}": v for k, v in task.evaluate(state).items()})
+                    writer.scalars(step, row)
+                    history.append({"step": step, **row})
+                    bar.set_postfix(loss=f"{row.get('train/' + task.loss_key, float('nan')):.4g}")
+                if lg["audio_every_steps"] and task.media and \
+                        step % lg["audio_every_steps"] == 0:
+                    writer.media(step, task.media(state))
+                if ckpt_now:
+                    save(step)
+                if (log_now or jax.process_count() == 1) and stop.any_host():
+                    logging.warning("%s: %s received, saving step %d", task.name, stop.raised,
+                                    step)
+                    preempted = True
+                    break
+            if pending is not None:
+                settle(pending)
+            save(step)
+            if not preempted and task.evaluate is not None:
+                row = {f"eval/{k}": v for k, v in task.evaluate(state).items()}
+                writer.scalars(step, row)
+                history.append({"step": step, **row})
+            if not preempted and task.media is not None and lg["audio_every_steps"]:
+                writer.media(step, task.media(state))
+    finally:
+        bar.close()
+        writer.close()
+        checkpointer.close()
+    return TrainResult(state=state, step=step, history=history, preempted=preempted)

@@ -1,0 +1,42 @@
+"""SentencePiece caption tokenizer: train, save/load, fixed-length encode, decode."""
+
+import numpy as np
+import pytest
+
+from ldm_jax.clap.text import BOS_ID, EOS_ID, PAD_ID, Tokenizer, TokenizerError
+
+CAPTIONS = [f"a {tempo} {inst} {pat} in {key} {mode}"
+            for tempo in ("slow", "fast", "moderate") for inst in ("organ", "bell", "bass")
+            for pat in ("melody", "arpeggio") for key in ("A", "C#", "F") for mode in ("major",
+                                                                                   "minor")]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.train(CAPTIONS, vocab_size=64)
+
+
+def test_encode_pads_and_round_trips(tok, tmp_path):
+    path = str(tmp_path / "spm.model")
+    tok.save(path)
+    tok2 = Tokenizer.load(path)
+    tokens, mask = tok2.encode(["a slow organ melody in A minor", "fast bell"], max_length=48)
+    assert tokens.shape == (2, 48) and tokens.dtype == np.int32
+    assert tokens[:, 0].tolist() == [BOS_ID, BOS_ID]
+    assert mask[0].sum() > mask[1].sum() > 2 and (tokens[~mask] == PAD_ID).all()
+    assert tokens[1, mask[1].sum() - 1] == EOS_ID
+    assert tok2.decode(tokens[0]) == "a slow organ melody in A minor"
+
+
+def test_truncation_keeps_eos_and_empty_caption(tok):
+    tokens, mask = tok.encode(" ".join(CAPTIONS[:20]), max_length=8)
+    assert mask.all() and tokens[-1] == EOS_ID and tokens[0] == BOS_ID
+    tokens, mask = tok.encode("", max_length=8)
+    assert tokens[:2].tolist() == [BOS_ID, EOS_ID] and mask.sum() == 2
+
+
+def test_errors(tmp_path):
+    with pytest.raises(TokenizerError, match="run `ldm-jax tokenizer train`"):
+        Tokenizer.load(str(tmp_path / "missing.model"))
+    with pytest.raises(TokenizerError, match="no captions"):
+        Tokenizer.train(["", "  "])
