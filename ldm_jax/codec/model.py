@@ -1,0 +1,399 @@
+"""The neural audio codec: a convolutional encoder, a bottleneck (RVQ or KL) and a decoder.
+
+Architecture of the Descript Audio Codec (Kumar et al., "High-Fidelity Audio Compression with
+Improved RVQGAN", NeurIPS 2023): strided weight-normalised convolutions with residual units of
+dilations 1, 3, 9 and Snake activations, channels doubling per encoder block and halving per
+decoder block, transposed-convolution upsampling with `kernel = 2 * stride` and
+`padding = ceil(stride / 2)`. Parameter trees match DAC's state dict one to one (see
+`convert.py`), and the official 16/24/44 kHz configurations are presets. `causal=True` pads
+convolutions on the left only, for streaming.
+
+Layouts are channels last: audio `[batch, samples, channels]`, latents `[batch, frames, dim]`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ldm_jax.codec import quantize
+from ldm_jax.codec.quantize import CodecError
+from ldm_jax.config import ConfigError
+from ldm_jax.nn.activations import Snake
+from ldm_jax.nn.conv import WNConv1d, WNConvTranspose1d
+
+QUANTIZERS = ("dac_rvq", "ema_rvq", "kl")
+
+
+@dataclasses.dataclass(frozen=True)
+class CodecConfig:
+    """Shape and training options of a codec (the `model` section of a codec experiment).
+
+    `latent_dim=None` means `encoder_dim * 2 ** len(encoder_rates)`. `quantizer_dropout` is the
+    probability that a training example uses a random number of codebooks.
+    `transpose_output_padding` adds PyTorch's `output_padding = stride % 2` to the upsampling
+    layers, so that odd strides give exactly `hop_length` samples per frame (the released DAC
+    models were trained without it and give `stride * T - 1` per odd-stride layer). `dtype` is the
+    compute dtype; parameters are kept in `param_dtype`.
+    """
+
+    sample_rate: int = 44100
+    channels: int = 1
+    encoder_dim: int = 64
+    encoder_rates: tuple[int, ...] = (2, 4, 8, 8)
+    latent_dim: int | None = None
+    decoder_dim: int = 1536
+    decoder_rates: tuple[int, ...] = (8, 8, 4, 2)
+    n_codebooks: int = 9
+    codebook_size: int = 1024
+    codebook_dim: int = 8
+    quantizer: str = "dac_rvq"
+    quantizer_dropout: float = 0.0
+    ema_decay: float = 0.99
+    ema_epsilon: float = 1e-5
+    dead_code_threshold: float = 2.0
+    causal: bool = False
+    transpose_output_padding: bool = False
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        for name in ("encoder_rates", "decoder_rates"):
+            object.__setattr__(self, name, tuple(int(r) for r in getattr(self, name)))
+        object.__setattr__(self, "quantizer_dropout", float(self.quantizer_dropout))
+        if self.quantizer not in QUANTIZERS:
+            raise ConfigError(f"model.quantizer={self.quantizer!r} is unknown; use one of "
+                              f"{', '.join(QUANTIZERS)}")
+        if not self.encoder_rates or min(self.encoder_rates + self.decoder_rates) < 1:
+            raise ConfigError("model.encoder_rates and model.decoder_rates must be positive "
+                              "integers")
+        if self.decoder_dim % 2 ** len(self.decoder_rates):
+            raise ConfigError(f"model.decoder_dim={self.decoder_dim} must be divisible by "
+                              f"2**len(decoder_rates)={2 ** len(self.decoder_rates)}")
+        if not 0.0 <= self.quantizer_dropout <= 1.0:
+            raise ConfigError(f"model.quantizer_dropout={self.quantizer_dropout} must be a "
+                              "probability in [0, 1]")
+        if self.n_codebooks < 1 or self.codebook_size < 2 or self.codebook_dim < 1:
+            raise ConfigError("model.n_codebooks, model.codebook_size and model.codebook_dim "
+                              "must be positive (codebook_size at least 2)")
+        for name in ("dtype", "param_dtype"):
+            try:
+                jnp.dtype(getattr(self, name))
+            except TypeError as e:
+                raise ConfigError(f"model.{name}={getattr(self, name)!r} is not a dtype") from e
+
+    @property
+    def resolved_latent_dim(self) -> int:
+        if self.latent_dim is not None:
+            return int(self.latent_dim)
+        return self.encoder_dim * 2 ** len(self.encoder_rates)
+
+    @property
+    def hop_length(self) -> int:
+        return math.prod(self.encoder_rates)
+
+    @property
+    def frame_rate(self) -> float:
+        return self.sample_rate / self.hop_length
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> CodecConfig:
+        """Builds a config from a dict or ConfigDict; an unknown key is an error naming it."""
+        values = dict(values.to_dict() if hasattr(values, "to_dict") else values)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown codec config key(s) {', '.join(unknown)}; known: "
+                              f"{', '.join(sorted(known))}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict (lists for the rates)."""
+        d = dataclasses.asdict(self)
+        d["encoder_rates"] = list(self.encoder_rates)
+        d["decoder_rates"] = list(self.decoder_rates)
+        return d
+
+
+def _dac(sample_rate, rates, n_codebooks, latent_dim=None):
+    return CodecConfig(sample_rate=sample_rate, encoder_dim=64, encoder_rates=rates,
+                       latent_dim=latent_dim, decoder_dim=1536, decoder_rates=rates[::-1],
+                       n_codebooks=n_codebooks, codebook_size=1024, codebook_dim=8,
+                       quantizer_dropout=0.5)
+
+
+# The released DAC configurations (conf/final/*.yml; training uses quantizer dropout 0.5) and the
+# CPU-sized `tiny`, the architecture of the reference fixture.
+PRESETS: dict[str, CodecConfig] = {
+    "dac_44khz": _dac(44100, (2, 4, 8, 8), 9),
+    "dac_44khz_16kbps": _dac(44100, (2, 4, 8, 8), 18, latent_dim=128),
+    "dac_24khz": _dac(24000, (2, 4, 5, 8), 32),
+    "dac_16khz": _dac(16000, (2, 4, 5, 8), 12),
+    "tiny": CodecConfig(sample_rate=16000, encoder_dim=16, encoder_rates=(2, 4, 5), latent_dim=64,
+                        decoder_dim=96, decoder_rates=(5, 4, 2), n_codebooks=4, codebook_size=64,
+                        codebook_dim=8, quantizer_dropout=0.5),
+}
+
+
+class ResidualUnit(nn.Module):
+    """Snake, dilated width-7 conv, Snake, 1x1 conv, plus the input."""
+
+    dim: int
+    dilation: int
+    causal: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        y = Snake(name="snake_0", **kw)(x)
+        y = WNConv1d(self.dim, 7, dilation=self.dilation, padding=3 * self.dilation,
+                     causal=self.causal, name="conv_0", **kw)(y)
+        y = Snake(name="snake_1", **kw)(y)
+        y = WNConv1d(self.dim, 1, name="conv_1", **kw)(y)
+        return x.astype(self.dtype) + y
+
+
+class EncoderBlock(nn.Module):
+    """Residual units at `dim // 2` channels, then a strided conv to `dim` channels."""
+
+    dim: int
+    stride: int
+    causal: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        for i, dilation in enumerate((1, 3, 9)):
+            x = ResidualUnit(self.dim // 2, dilation, self.causal, name=f"res_{i}", **kw)(x)
+        x = Snake(name="snake", **kw)(x)
+        return WNConv1d(self.dim, 2 * self.stride, stride=self.stride,
+                        padding=math.ceil(self.stride / 2), causal=self.causal, name="conv",
+                        **kw)(x)
+
+
+class Encoder(nn.Module):
+    """Audio `[B, T, channels]` -> latents `[B, T / hop, latent_dim]`."""
+
+    dim: int
+    rates: tuple[int, ...]
+    latent_dim: int
+    causal: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kw = dict(causal=self.causal, dtype=self.dtype, param_dtype=self.param_dtype)
+        x = WNConv1d(self.dim, 7, padding=3, name="conv_in", **kw)(x)
+        dim = self.dim
+        for i, stride in enumerate(self.rates):
+            dim *= 2
+            x = EncoderBlock(dim, stride, name=f"block_{i}", **kw)(x)
+        x = Snake(name="snake_out", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+        return WNConv1d(self.latent_dim, 3, padding=1, name="conv_out", **kw)(x)
+
+
+class DecoderBlock(nn.Module):
+    """Snake, transposed conv upsampling by `stride`, then residual units."""
+
+    dim: int
+    stride: int
+    causal: bool = False
+    output_padding: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = Snake(name="snake", **kw)(x)
+        x = WNConvTranspose1d(self.dim, 2 * self.stride, stride=self.stride,
+                              padding=math.ceil(self.stride / 2),
+                              output_padding=self.stride % 2 if self.output_padding else 0,
+                              causal=self.causal, name="conv_t", **kw)(x)
+        for i, dilation in enumerate((1, 3, 9)):
+            x = ResidualUnit(self.dim, dilation, self.causal, name=f"res_{i}", **kw)(x)
+        return x
+
+
+class Decoder(nn.Module):
+    """Latents `[B, frames, latent_dim]` -> audio `[B, samples, channels]` in [-1, 1]."""
+
+    dim: int
+    rates: tuple[int, ...]
+    channels: int = 1
+    causal: bool = False
+    output_padding: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, z):
+        kw = dict(causal=self.causal, dtype=self.dtype, param_dtype=self.param_dtype)
+        x = WNConv1d(self.dim, 7, padding=3, name="conv_in", **kw)(z)
+        for i, stride in enumerate(self.rates):
+            x = DecoderBlock(self.dim // 2 ** (i + 1), stride, output_padding=self.output_padding,
+                             name=f"block_{i}", **kw)(x)
+        x = Snake(name="snake_out", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+        x = WNConv1d(self.channels, 7, padding=3, name="conv_out", **kw)(x)
+        return jnp.tanh(x.astype(jnp.float32))
+
+
+class Codec(nn.Module):
+    """Encoder, bottleneck and decoder with `encode` / `decode` / `decode_codes` entry points.
+
+    Randomness in training comes from the rngs `quantizer` (quantizer dropout, dead-code
+    restarts) and `noise` (KL sampling); the EMA quantizer also needs
+    `mutable=["codebook_stats"]` when `train=True`.
+    """
+
+    config: CodecConfig
+
+    def setup(self):
+        c = self.config
+        kw = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
+        latent = c.resolved_latent_dim
+        self.encoder = Encoder(c.encoder_dim, c.encoder_rates, latent, causal=c.causal, **kw)
+        if c.quantizer == "dac_rvq":
+            self.quantizer = quantize.ResidualVQ(latent, c.n_codebooks, c.codebook_size,
+                                                 c.codebook_dim, c.quantizer_dropout, **kw)
+        elif c.quantizer == "ema_rvq":
+            self.quantizer = quantize.EMAResidualVQ(
+                latent, c.n_codebooks, c.codebook_size, c.codebook_dim, c.quantizer_dropout,
+                c.ema_decay, c.ema_epsilon, c.dead_code_threshold, **kw)
+        else:
+            self.quantizer = quantize.KLBottleneck(latent, **kw)
+        self.decoder = Decoder(c.decoder_dim, c.decoder_rates, c.channels, causal=c.causal,
+                               output_padding=c.transpose_output_padding, **kw)
+
+    @property
+    def hop_length(self) -> int:
+        """Audio samples per latent frame."""
+        return self.config.hop_length
+
+    @property
+    def frame_rate(self) -> float:
+        """Latent frames per second."""
+        return self.config.frame_rate
+
+    def bitrate(self, n_codebooks: int | None = None) -> float:
+        """Bits per second when sending `n_codebooks` codebooks (all by default)."""
+        if self.config.quantizer == "kl":
+            raise CodecError("a codec with the 'kl' bottleneck has no bitrate: it sends no codes")
+        n = self.config.n_codebooks if n_codebooks is None else n_codebooks
+        return quantize.bitrate(n, self.config.codebook_size, self.frame_rate)
+
+    def _check_audio(self, x):
+        if x.ndim != 3 or x.shape[-1] != self.config.channels:
+            raise CodecError(f"the codec takes audio shaped [batch, samples, "
+                             f"{self.config.channels}], got {tuple(x.shape)}")
+
+    def encode(self, x: jax.Array, *, n_quantizers: int | None = None, train: bool = False):
+        """Audio -> bottleneck output.
+
+        Args:
+          x: `[B, T, channels]`; right-padded with zeros to a multiple of `hop_length`.
+          n_quantizers: codebooks to use (static; all by default).
+          train: quantizer dropout / EMA updates / KL sampling.
+
+        Returns:
+          `(z [B, ceil(T / hop), latent_dim], aux)`: `z` is the decoder input; `aux` holds `z_e`
+          (encoder output), `latents`, `losses`, and for quantisers `codes` int32 `[B, T', K]`,
+          `n_active` `[B]` and `stats`; for the KL bottleneck `mean` and `std`.
+        """
+        self._check_audio(x)
+        pad = -x.shape[1] % self.hop_length
+        if pad:
+            x = jnp.pad(x, ((0, 0), (0, pad), (0, 0)))
+        z_e = self.encoder(x)
+        z, aux = self.quantizer(z_e, n_quantizers=n_quantizers, train=train)
+        return z, {"z_e": z_e, **aux}
+
+    def decode(self, z: jax.Array) -> jax.Array:
+        """Decoder input `[B, T', latent_dim]` -> audio `[B, samples, channels]` (float32)."""
+        return self.decoder(z)
+
+    def from_codes(self, codes: jax.Array) -> jax.Array:
+        """Codes int `[B, T', k]` (the first k codebooks) -> decoder input `[B, T', latent_dim]`."""
+        if self.config.quantizer == "kl":
+            raise CodecError("decoding codes needs a quantised codec; this one has the 'kl' "
+                             "bottleneck: decode its latents with decode()")
+        return self.quantizer.from_codes(codes)[0]
+
+    def decode_codes(self, codes: jax.Array) -> jax.Array:
+        """Codes int `[B, T', k]` -> audio `[B, samples, channels]`."""
+        return self.decode(self.from_codes(codes))
+
+    def __call__(self, x: jax.Array, *, n_quantizers: int | None = None, train: bool = False):
+        """Encodes and decodes.
+
+        Returns:
+          `(audio [B, <= T, channels], aux)`: audio cut to the input length (as DAC: odd strides
+          without `transpose_output_padding` give a few samples fewer); `aux` is `encode`'s plus
+          `z`.
+        """
+        z, aux = self.encode(x, n_quantizers=n_quantizers, train=train)
+        audio = self.decode(z)[:, :x.shape[1]]
+        return audio, {"z": z, **aux}
+
+
+def make_codec(cfg: CodecConfig | Mapping[str, Any] | str) -> Codec:
+    """A `Codec` from a config, a dict / ConfigDict of its fields, or a preset name."""
+    if isinstance(cfg, str):
+        if cfg not in PRESETS:
+            raise ConfigError(f"unknown codec preset {cfg!r}; use one of "
+                              f"{', '.join(sorted(PRESETS))}")
+        cfg = PRESETS[cfg]
+    elif not isinstance(cfg, CodecConfig):
+        cfg = CodecConfig.from_dict(cfg)
+    return Codec(cfg)
+
+
+def init_variables(codec: Codec, rng: jax.Array, n_samples: int | None = None):
+    """Initial variables (`params`, and `codebook_stats` for the EMA quantizer).
+
+    Args:
+      codec: the module.
+      rng: PRNG key.
+      n_samples: length of the dummy input (one hop by default; shapes do not depend on it).
+
+    Returns:
+      The variables dict, with parameters boxed by their logical axis names.
+    """
+    n = n_samples or codec.config.hop_length
+    x = jnp.zeros((1, n, codec.config.channels), jnp.float32)
+    # One compiled program: initialising op by op compiles every distinct op on its own.
+    return jax.jit(lambda r: codec.init({"params": r}, x))(rng)
+
+
+def load(source: str, *, rng: jax.Array | None = None):
+    """The codec and its variables from a DAC `.pth` checkpoint or a preset name.
+
+    Args:
+      source: path to a released DAC `.pth` file (imported without torch), or a name in
+        `PRESETS` (freshly initialised).
+      rng: PRNG key for a preset's initialisation (default `PRNGKey(0)`).
+
+    Returns:
+      `(codec, variables)`.
+    """
+    if source in PRESETS:
+        codec = make_codec(source)
+        return codec, init_variables(codec, jax.random.PRNGKey(0) if rng is None else rng)
+    if source.endswith((".pth", ".pt")):
+        from ldm_jax.codec.convert import import_dac
+
+        config, params = import_dac(source)
+        return make_codec(config), {"params": params}
+    raise ConfigError(f"cannot load a codec from {source!r}: give a DAC .pth file or one of the "
+                      f"presets {', '.join(sorted(PRESETS))}")
