@@ -17,9 +17,10 @@ EPILOG = ("Config: --config FILE[:ARG] selects an experiment (a path or an embed
           "`tiny`); --config.SECTION.KEY=VALUE overrides one field.")
 
 
-def _add_config(p: argparse.ArgumentParser, workdir: bool = True, data_dir: bool = False):
-    p.add_argument("--config", default=None, metavar="FILE[:ARG]",
-                   help="experiment config file or embedded name (default: tiny)")
+def _add_config(p: argparse.ArgumentParser, workdir: bool = True, data_dir: bool = False,
+                default: str | None = None):
+    p.add_argument("--config", default=default, metavar="FILE[:ARG]",
+                   help=f"experiment config file or embedded name (default: {default or 'tiny'})")
     if workdir:
         p.add_argument("--workdir", default=None, help="experiment directory (W)")
     if data_dir:
@@ -68,7 +69,8 @@ def cmd_data_show(args, cfg):
 
 
 def _fmt(v):
-    return f"{v:.1f}" if isinstance(v, float) else str(v)
+    import numpy as np
+    return f"{float(v):.1f}" if isinstance(v, (float, np.floating)) else str(v)
 
 
 # ----------------------------------------------------------------------------------- tokenizer
@@ -88,6 +90,141 @@ def cmd_tokenizer_train(args, cfg):
     tokens, _ = tok.encode(captions[0], cfg.tokenizer.max_length)
     print(f"tokenizer: {out} ({tok.vocab_size} pieces, {len(captions)} captions)")
     print(f"  {captions[0]!r} -> {tokens.tolist()}")
+
+
+# --------------------------------------------------------------------------------------- codec
+
+def stage_config(cfg, stage: str):
+    """A stage's own config: `cfg.<stage>` inside a chain experiment, else the config itself."""
+    if stage in cfg and "model" in cfg[stage]:
+        return cfg[stage]
+    if "model" not in cfg:
+        raise config_lib.ConfigError(f"config {cfg.get('config_file', '')} has no {stage} model: "
+                                     f"use an experiment such as {stage}_tiny")
+    return cfg
+
+
+def _require_workdir(args) -> str:
+    if not args.workdir:
+        raise config_lib.ConfigError("say where the experiment lives: --workdir W")
+    return os.path.abspath(args.workdir)
+
+
+def cmd_train_codec(args, cfg):
+    from ldm_jax.codec import train as codec_train
+    workdir = _require_workdir(args)
+    stage = stage_config(cfg, "codec")
+    result = codec_train.train(stage, workdir, _data_dir(args, stage))
+    state = "stopped by a signal at" if result.preempted else "finished at"
+    print(f"codec: {state} step {result.step}; checkpoints in {workdir}/codec/checkpoints")
+
+
+def _codec_source(args) -> str:
+    source = args.codec or args.workdir
+    if not source:
+        raise config_lib.ConfigError("say which codec: --workdir W (trained) or --codec DIR")
+    return source
+
+
+def cmd_codec_encode(args, cfg):
+    import numpy as np
+
+    from ldm_jax.audio import io as audio_io
+    from ldm_jax.codec import inference
+    loaded = inference.load_trained(_codec_source(args))
+    audio, _ = audio_io.read_audio(args.input, sample_rate=loaded.sample_rate,
+                                   mono=loaded.config.channels == 1)
+    out = loaded.encode(audio[None], args.n_codebooks)
+    payload = {"z": out["z"][0], "sample_rate": loaded.sample_rate, "num_samples": len(audio),
+               "hop_length": loaded.config.hop_length}
+    if "codes" in out:
+        payload["codes"] = out["codes"][0].astype(np.int32)
+    np.savez_compressed(args.output, **payload)
+    what = (f"codes {payload['codes'].shape}" if "codes" in payload
+            else f"latents {out['z'][0].shape}")
+    print(f"{args.output}: {what} for {len(audio) / loaded.sample_rate:.2f} s")
+
+
+def cmd_codec_decode(args, cfg):
+    import numpy as np
+
+    from ldm_jax.audio import io as audio_io
+    from ldm_jax.codec import inference
+    loaded = inference.load_trained(_codec_source(args))
+    try:
+        data = np.load(args.input)
+    except (OSError, ValueError) as e:
+        raise config_lib.ConfigError(f"cannot read {args.input}: {e}") from e
+    if "codes" in data:
+        codes = data["codes"]
+        k = args.n_codebooks or codes.shape[-1]
+        if k > codes.shape[-1]:
+            raise config_lib.ConfigError(f"{args.input} holds {codes.shape[-1]} codebooks; "
+                                         f"--n-codebooks {k} is too many")
+        audio = loaded.decode_codes(codes[None, :, :k])[0]
+    else:
+        audio = loaded.decode(data["z"][None])[0]
+    n = int(data["num_samples"]) if "num_samples" in data else len(audio)
+    audio_io.write_audio(args.output, audio[:n], loaded.sample_rate)
+    print(f"{args.output}: {min(n, len(audio)) / loaded.sample_rate:.2f} s")
+
+
+def cmd_codec_eval(args, cfg):
+    import json
+
+    from ldm_jax.codec import inference
+    from ldm_jax.data import builders
+    loaded = inference.load_trained(_codec_source(args))
+    stage = stage_config(cfg, "codec") if ("model" in cfg or "codec" in cfg) else cfg
+    source = builders.open_split(_data_dir(args, stage), stage.data.name, args.split)
+    n = len(source) if args.max_clips <= 0 else min(args.max_clips, len(source))
+    clips = [source[i]["audio"] for i in range(n)]
+    result = inference.evaluate(loaded, clips, n_codebooks=args.n_codebooks)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            f.write(text + "\n")
+
+
+def cmd_codec_import_dac(args, cfg):
+    from ldm_jax.codec import convert, inference
+    from ldm_jax.codec.model import CodecConfig
+    config, params = convert.import_dac(args.weights)
+    config = config if isinstance(config, CodecConfig) else CodecConfig.from_dict(config)
+    inference.write_checkpoint(args.out, config, params)
+    print(f"{args.out}: DAC codec at {config.sample_rate} Hz, {config.n_codebooks} codebooks, "
+          f"hop {config.hop_length}")
+
+
+# ----------------------------------------------------------------------------------- the chain
+
+def cmd_run(args, cfg):
+    from ldm_jax import chain
+    workdir = _require_workdir(args)
+    stages = [x for x in (args.stages or "").split(",") if x] or None
+    chain.run_chain(chain.default_stages(), cfg, workdir, only=stages,
+                    rerun_stale=args.rerun_stale)
+    _print_outputs(workdir)
+
+
+def cmd_demo(args, cfg):
+    from ldm_jax import chain
+    workdir = os.path.abspath(args.workdir or os.path.join("runs", "demo"))
+    print(f"ldm-jax demo: the embedded tiny experiment into {workdir} (CPU, tiny models)")
+    chain.run_chain(chain.default_stages(), cfg, workdir, rerun_stale=args.rerun_stale)
+    _print_outputs(workdir)
+
+
+def _print_outputs(workdir: str):
+    samples = os.path.join(workdir, "samples")
+    if os.path.isdir(samples):
+        wavs = sorted(f for f in os.listdir(samples) if f.endswith(".wav"))
+        print(f"samples: {samples} ({len(wavs)} WAV files)")
+    report = os.path.join(workdir, "report.html")
+    if os.path.exists(report):
+        print(f"report:  {report}")
 
 
 # -------------------------------------------------------------------------------------- parser
@@ -124,6 +261,59 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="model file (default: W/tokenizer/spm.model)")
     _add_config(p, data_dir=True)
     p.set_defaults(func=cmd_tokenizer_train)
+
+    p = sub.add_parser("run", help="run the experiment chain (each stage resumable)",
+                       epilog=EPILOG)
+    p.add_argument("experiment", nargs="?", default=None,
+                   help="experiment file (same as --config; default: tiny)")
+    p.add_argument("--stages", default=None,
+                   help="comma-separated stages to run (default: all, skipping complete ones)")
+    p.add_argument("--rerun-stale", action="store_true",
+                   help="re-run stages whose config changed since they ran, and their followers")
+    _add_config(p)
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("demo", help="run the embedded tiny experiment into ./runs/demo",
+                       epilog=EPILOG)
+    p.add_argument("--rerun-stale", action="store_true",
+                   help="re-run stages whose config changed since they ran")
+    _add_config(p)
+    p.set_defaults(func=cmd_demo)
+
+    train = sub.add_parser("train", help="train one stage of the pipeline", epilog=EPILOG)
+    train_sub = train.add_subparsers(dest="train_command", metavar="STAGE", required=True)
+    p = train_sub.add_parser("codec", help="train the neural codec (RVQ-GAN or KL autoencoder)",
+                             epilog=EPILOG)
+    _add_config(p, data_dir=True, default="codec_tiny")
+    p.set_defaults(func=cmd_train_codec)
+
+    codec = sub.add_parser("codec", help="use a codec: encode, decode, evaluate, import",
+                           epilog=EPILOG)
+    codec_sub = codec.add_subparsers(dest="codec_command", metavar="ACTION", required=True)
+    for name, helptext, func in (("encode", "audio file -> codes.npz", cmd_codec_encode),
+                                 ("decode", "codes.npz -> audio file", cmd_codec_decode)):
+        p = codec_sub.add_parser(name, help=helptext, epilog=EPILOG)
+        p.add_argument("input")
+        p.add_argument("-o", "--output", required=True)
+        p.add_argument("--codec", default=None, help="a codec directory (instead of --workdir)")
+        p.add_argument("--n-codebooks", type=int, default=None,
+                       help="use only the first K codebooks (lower bitrate)")
+        _add_config(p, default="codec_tiny")
+        p.set_defaults(func=func)
+    p = codec_sub.add_parser("eval", help="reconstruction metrics on the test split",
+                             epilog=EPILOG)
+    p.add_argument("--codec", default=None, help="a codec directory (instead of --workdir)")
+    p.add_argument("--json", default=None, help="write the metrics here")
+    p.add_argument("--split", default="test", choices=("train", "test"))
+    p.add_argument("--n-codebooks", type=int, default=None)
+    p.add_argument("--max-clips", type=int, default=0, help="evaluate at most N clips (0: all)")
+    _add_config(p, data_dir=True, default="codec_tiny")
+    p.set_defaults(func=cmd_codec_eval)
+    p = codec_sub.add_parser("import-dac", help="import a released DAC .pth checkpoint",
+                             epilog=EPILOG)
+    p.add_argument("weights", help="DAC weights .pth (read without executing pickled code)")
+    p.add_argument("--out", required=True, help="codec directory to write")
+    _add_config(p, workdir=False)
+    p.set_defaults(func=cmd_codec_import_dac)
     return parser
 
 
@@ -144,7 +334,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(message)s")
     try:
-        cfg = config_lib.get_config(getattr(args, "config", None), overrides)
+        spec = getattr(args, "experiment", None) or getattr(args, "config", None)
+        cfg = config_lib.get_config(spec, overrides)
         args.func(args, cfg)
     except KeyboardInterrupt:
         print("ldm-jax: interrupted", file=sys.stderr)

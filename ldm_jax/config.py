@@ -37,7 +37,8 @@ def resolve_experiment(spec: str) -> tuple[str, str | None]:
             return os.path.abspath(candidate), (arg or None)
     embedded = sorted(f[:-3] for f in os.listdir(EXPERIMENTS_DIR)
                       if f.endswith(".py") and not f.startswith("_") and f != "common.py")
-    raise ConfigError(f"config file {path!r} not found; give a path or one of: {', '.join(embedded)}")
+    raise ConfigError(f"config file {path!r} not found; give a path or one of: "
+                      f"{', '.join(embedded)}")
 
 
 def load_config(spec: str | None = None) -> ml_collections.ConfigDict:
@@ -59,10 +60,14 @@ def load_config(spec: str | None = None) -> ml_collections.ConfigDict:
     try:
         module_spec.loader.exec_module(module)
     except SyntaxError as e:
-        raise ConfigError(f"config file {path} has a syntax error at line {e.lineno}: {e.msg}") from e
+        raise ConfigError(f"config file {path} has a syntax error at line {e.lineno}: "
+                          f"{e.msg}") from e
     if not hasattr(module, "get_config"):
         raise ConfigError(f"config file {path} defines no get_config()")
-    cfg = module.get_config(arg) if arg is not None else module.get_config()
+    try:
+        cfg = module.get_config(arg) if arg is not None else module.get_config()
+    except (ValueError, KeyError) as e:
+        raise ConfigError(f"{os.path.basename(path)}: {e}") from e
     if not isinstance(cfg, ml_collections.ConfigDict):
         raise ConfigError(f"get_config() in {path} returned {type(cfg).__name__}, not a ConfigDict")
     with cfg.unlocked():

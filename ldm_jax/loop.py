@@ -1,11 +1,12 @@
 """The one training loop that every model uses.
 
-A model hands the loop a `Task`: a state initialiser and a pure `state, batch, rng -> state, metrics`
-step. The loop owns everything else: the mesh and shardings (abstract state first, then a jitted
-init with `out_shardings`, as in flax's lm1b example), resuming (the workdir's own checkpoint, then
-an explicit resume path, then a params-only init path, else scratch — big_vision's order),
-checkpoints that include the data-iterator position, metrics with a non-finite guard,
-TensorBoard scalars and media, a progress bar, evaluation and preemption. It knows nothing of audio.
+A model hands the loop a `Task`: a state initialiser and a pure
+`state, batch, rng -> state, metrics` step. The loop owns everything else: the mesh and
+shardings (abstract state first, then a jitted init with `out_shardings`, as in flax's lm1b
+example), resuming (the workdir's own checkpoint, then an explicit resume path, then a
+params-only init path, else scratch: big_vision's order), checkpoints that include the
+data-iterator position, metrics with a non-finite guard, TensorBoard scalars and media, a progress
+bar, evaluation and preemption. It knows nothing of audio.
 """
 
 from __future__ import annotations

@@ -1,0 +1,158 @@
+"""Codec benchmark: G+D train-step time, clips/s, encode/decode real-time factor; Opus comparison.
+
+    python benchmarks/codec.py --config codec_tiny --json out.json
+    python benchmarks/codec.py --config codec:dac_44khz --batch 72 --json out.json   # accelerator
+    python benchmarks/codec.py --workdir W --opus --json out.json   # trained codec vs Opus
+
+Timing: the first call (compile) is reported separately; then the median of `--repeats` calls,
+each synchronised with `block_until_ready`. The Opus comparison encodes the same test clips with
+`opusenc` / `opusdec` (Debian's opus-tools) at the codec's bitrate (Opus's 6 kbps floor where the
+codec is below it) and at double that, and scores both with `ldm_jax.codec.inference.evaluate`'s
+metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _timed(fn, *args, repeats: int):
+    start = time.perf_counter()
+    out = jax.block_until_ready(fn(*args))
+    compile_s = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return out, compile_s, statistics.median(times)
+
+
+def bench_speed(cfg, batch: int, repeats: int) -> dict:
+    from ldm_jax.codec import train as codec_train
+    from ldm_jax.codec.model import Codec, make_codec
+    n = codec_train.crop_samples(cfg)
+    sr = cfg.model.sample_rate
+    init = jax.jit(functools.partial(codec_train.init_state, cfg, crop_samples=n))
+    state = init(jax.random.key(0))
+    rng = np.random.default_rng(0)
+    audio = (0.1 * rng.standard_normal((batch, n, cfg.model.channels))).astype(np.float32)
+    step = jax.jit(functools.partial(codec_train.train_step, cfg=cfg), donate_argnums=(0,))
+    batch_arrays = {"audio": jnp.asarray(audio)}
+    start = time.perf_counter()
+    state, _ = jax.block_until_ready(step(state, batch_arrays, jax.random.key(1)))
+    step_compile = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        state, _ = jax.block_until_ready(step(state, batch_arrays, jax.random.key(1)))
+        times.append(time.perf_counter() - start)
+    step_s = statistics.median(times)
+
+    codec = make_codec(cfg.model)
+    variables = {"params": state["params"]}
+    if state["stats"]:
+        variables["codebook_stats"] = state["stats"]
+    seconds = 10.0
+    clip = jnp.asarray(0.1 * rng.standard_normal((1, int(seconds * sr), cfg.model.channels)),
+                       jnp.float32)
+    encode = jax.jit(lambda v, x: codec.apply(v, x, method=Codec.encode)[0])
+    decode = jax.jit(lambda v, z: codec.apply(v, z, method=Codec.decode))
+    z, enc_compile, enc_s = _timed(encode, variables, clip, repeats=repeats)
+    _, dec_compile, dec_s = _timed(decode, variables, z, repeats=repeats)
+    return {"batch": batch, "crop_seconds": n / sr, "train_step_s": step_s,
+            "train_step_compile_s": step_compile, "clips_per_s": batch / step_s,
+            "encode_rtf": seconds / enc_s, "decode_rtf": seconds / dec_s,
+            "encode_compile_s": enc_compile, "decode_compile_s": dec_compile}
+
+
+def _opus_roundtrip(audio: np.ndarray, sr: int, kbps: float, tmp: str) -> np.ndarray:
+    from ldm_jax.audio import io as audio_io
+    wav, opus, out = (os.path.join(tmp, f) for f in ("in.wav", "x.opus", "out.wav"))
+    audio_io.write_audio(wav, audio, sr)
+    subprocess.run(["opusenc", "--quiet", "--bitrate", f"{kbps:g}", "--hard-cbr", wav, opus],
+                   check=True)
+    subprocess.run(["opusdec", "--quiet", "--rate", str(sr), opus, out], check=True)
+    decoded, _ = audio_io.read_audio(out, sample_rate=sr)
+    decoded = decoded[:, 0]
+    if len(decoded) < len(audio):
+        decoded = np.pad(decoded, (0, len(audio) - len(decoded)))
+    return decoded[:len(audio)]
+
+
+def bench_opus(workdir: str, data_dir: str | None, max_clips: int) -> dict:
+    from ldm_jax.codec import inference
+    from ldm_jax.codec.losses import mel_loss, multiscale_stft_loss, si_sdr, waveform_l1
+    from ldm_jax.data import builders
+    if not shutil.which("opusenc"):
+        return {"error": "opusenc not found: apt-get install opus-tools"}
+    loaded = inference.load_trained(workdir)
+    sr = loaded.sample_rate
+    data_dir = data_dir or os.path.join(workdir, "data")
+    source = builders.open_split(data_dir, "synthetic_music", "test")
+    clips = [np.asarray(source[i]["audio"], np.float32).reshape(-1)
+             for i in range(min(max_clips, len(source)))]
+    ours = inference.evaluate(loaded, clips)
+    rows = {"ldm_jax": ours}
+    base = max(ours["bitrate_kbps"] or 6.0, 6.0)
+    for kbps in (base, 2 * base):
+        with tempfile.TemporaryDirectory() as tmp:
+            decoded = [_opus_roundtrip(c, sr, kbps, tmp) for c in clips]
+        x = jnp.asarray(np.stack(clips))[..., None]
+        y = jnp.asarray(np.stack(decoded))[..., None]
+        rows[f"opus_{kbps:g}kbps"] = {
+            "bitrate_kbps": kbps, "mel_distance": float(mel_loss(y, x, sr)),
+            "stft_distance": float(multiscale_stft_loss(y, x)),
+            "si_sdr": float(jnp.mean(si_sdr(y, x))), "waveform_l1": float(waveform_l1(y, x)),
+            "num_clips": len(clips)}
+    return rows
+
+
+def main(argv=None):
+    from ldm_jax import config as config_lib
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="codec_tiny")
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--workdir", default=None, help="a trained codec, for --opus")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--opus", action="store_true", help="compare a trained codec with Opus")
+    p.add_argument("--max-clips", type=int, default=32)
+    p.add_argument("--skip-speed", action="store_true")
+    p.add_argument("--json", default=None)
+    args, overrides = p.parse_known_args(argv)
+    overrides = [o.removeprefix("--config.") for o in overrides]
+    cfg = config_lib.get_config(args.config, overrides)
+    result = {"command": " ".join(sys.argv), "config": args.config,
+              "device": str(jax.devices()[0]), "device_count": jax.device_count(),
+              "jax": jax.__version__, "python": platform.python_version(),
+              "date": time.strftime("%Y-%m-%d")}
+    if not args.skip_speed:
+        result["speed"] = bench_speed(cfg, args.batch or cfg.train.batch_size, args.repeats)
+    if args.opus:
+        if not args.workdir:
+            p.error("--opus needs --workdir W with a trained codec")
+        result["opus"] = bench_opus(args.workdir, args.data_dir, args.max_clips)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

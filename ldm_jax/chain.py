@@ -1,0 +1,247 @@
+"""The experiment chain: data -> tokenizer -> codec -> latents -> CLAP -> LDM -> samples -> report.
+
+Every stage writes into the workdir and records the config it ran with (`W/stages/NAME.json`). A
+stage whose output is complete is skipped, so an interrupted chain resumes where it stopped; a
+stage whose config changed since it ran is reported with every stage downstream of it, and the
+chain stops rather than mixing outputs of two configs (`--rerun-stale` re-runs them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+
+from ldm_jax import config as config_lib
+
+
+class StaleStage(RuntimeError):
+    """A finished stage ran with another config; the message lists the stale stages."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One step of the chain.
+
+    Attributes:
+      name: stage name, also the name of its output directory under W where it has one.
+      after: the stages whose outputs it reads.
+      sections: config paths ("data", "codec") whose values it depends on.
+      done: `(cfg, W) -> bool`: is its output complete?
+      run: `(cfg, W) -> dict`: runs it and returns a summary for the report.
+      outputs: paths under W that belong to it (removed when a stale stage re-runs).
+    """
+
+    name: str
+    after: tuple[str, ...]
+    sections: tuple[str, ...]
+    done: Callable
+    run: Callable
+    outputs: tuple[str, ...] = ()
+
+
+def _section(cfg, path: str):
+    node = cfg
+    for part in path.split("."):
+        node = node[part]
+    return node.to_dict() if hasattr(node, "to_dict") else node
+
+
+def fingerprint(cfg, stage: Stage) -> dict:
+    return json.loads(json.dumps({s: _section(cfg, s) for s in stage.sections}, default=list))
+
+
+def _record_path(workdir: str, name: str) -> str:
+    return os.path.join(workdir, "stages", f"{name}.json")
+
+
+def downstream(stages: list[Stage], name: str) -> list[str]:
+    """The stage and every stage that (transitively) reads its output, in chain order."""
+    out = [name]
+    for s in stages:
+        if any(a in out for a in s.after) and s.name not in out:
+            out.append(s.name)
+    return out
+
+
+def stale_stages(stages: list[Stage], cfg, workdir: str) -> dict[str, list[str]]:
+    """{stage: differing keys} for finished stages whose recorded config differs from cfg."""
+    from ldm_jax.checkpoint import config_differences
+    stale = {}
+    for stage in stages:
+        path = _record_path(workdir, stage.name)
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            recorded = json.load(f).get("config", {})
+        diffs = config_differences(recorded, fingerprint(cfg, stage))
+        if diffs:
+            stale[stage.name] = diffs
+    return stale
+
+
+def run_chain(stages: list[Stage], cfg, workdir: str, *, only: list[str] | None = None,
+              rerun_stale: bool = False, print_fn=print) -> dict:
+    """Runs the stages in order, skipping complete ones.
+
+    Args:
+      stages: the chain, in order.
+      cfg: the experiment config.
+      workdir: W.
+      only: run just these stages (their inputs must be complete).
+      rerun_stale: remove and re-run stages whose config changed, and those downstream.
+      print_fn: where progress lines go.
+
+    Returns:
+      {stage: summary} of the stages that ran or were found complete.
+
+    Raises:
+      StaleStage: a finished stage's config changed and `rerun_stale` is False.
+    """
+    names = [s.name for s in stages]
+    unknown = [n for n in (only or []) if n not in names]
+    if unknown:
+        raise config_lib.ConfigError(f"unknown stage(s) {', '.join(unknown)}; the chain is "
+                                     f"{' -> '.join(names)}")
+    os.makedirs(os.path.join(workdir, "stages"), exist_ok=True)
+    stale = stale_stages(stages, cfg, workdir)
+    if stale:
+        affected = []
+        for name in stale:
+            affected += [n for n in downstream(stages, name) if n not in affected]
+        first = next(iter(stale))
+        if not rerun_stale:
+            raise StaleStage(f"the config of stage {first} changed since it ran in {workdir} ("
+                             + "; ".join(stale[first][:3]) + f"); stale: {', '.join(affected)}. "
+                             "Re-run them with --rerun-stale or use another --workdir")
+        by_name = {s.name: s for s in stages}
+        for name in affected:
+            for out in by_name[name].outputs:
+                shutil.rmtree(os.path.join(workdir, out), ignore_errors=True)
+            if os.path.exists(_record_path(workdir, name)):
+                os.remove(_record_path(workdir, name))
+        print_fn(f"re-running stale stages: {', '.join(affected)}")
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config_lib.to_json(cfg))
+    summaries = {}
+    for stage in stages:
+        if only and stage.name not in only:
+            continue
+        record = _record_path(workdir, stage.name)
+        if stage.done(cfg, workdir) and os.path.exists(record):
+            with open(record) as f:
+                summaries[stage.name] = json.load(f).get("summary", {})
+            print_fn(f"[{stage.name}] complete, skipped")
+            continue
+        print_fn(f"[{stage.name}] running")
+        start = time.time()
+        summary = stage.run(cfg, workdir) or {}
+        summary = dict(summary, seconds=round(time.time() - start, 1))
+        summaries[stage.name] = summary
+        tmp = record + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"config": fingerprint(cfg, stage), "summary": summary}, f, indent=2,
+                      default=str)
+        os.replace(tmp, record)
+        print_fn(f"[{stage.name}] done in {summary['seconds']:.0f} s")
+    return summaries
+
+
+# ------------------------------------------------------------------------------- the stages
+
+def data_dir(cfg, workdir: str) -> str:
+    return os.path.abspath(cfg.data.data_dir or os.path.join(workdir, "data"))
+
+
+def tokenizer_path(cfg, workdir: str) -> str:
+    return cfg.tokenizer.path or os.path.join(workdir, "tokenizer", "spm.model")
+
+
+def _data_done(cfg, workdir):
+    from ldm_jax.data import builders
+    try:
+        builders.dataset_info(data_dir(cfg, workdir), cfg.data.name)
+        return True
+    except builders.DataError:
+        return False
+
+
+def _data_run(cfg, workdir):
+    from ldm_jax.data import builders
+    summary = builders.build(cfg.data.name, cfg.data, data_dir(cfg, workdir), print_fn=print)
+    return {"splits": summary.get("splits", {}), "skipped": len(summary.get("skipped", []))}
+
+
+def _tokenizer_done(cfg, workdir):
+    return os.path.isfile(tokenizer_path(cfg, workdir))
+
+
+def _tokenizer_run(cfg, workdir):
+    from ldm_jax.clap.text import Tokenizer
+    from ldm_jax.data import builders
+    captions = builders.captions(builders.open_split(data_dir(cfg, workdir), cfg.data.name,
+                                                     "train"))
+    tok = Tokenizer.train(captions, vocab_size=cfg.tokenizer.vocab_size,
+                          model_type=cfg.tokenizer.model_type)
+    tok.save(tokenizer_path(cfg, workdir))
+    return {"vocab_size": tok.vocab_size, "captions": len(captions)}
+
+
+def _stage_steps_done(cfg, workdir, name):
+    from ldm_jax.checkpoint import Checkpointer
+    directory = os.path.join(workdir, name, "checkpoints")
+    if not os.path.isdir(directory):
+        return False
+    ck = Checkpointer(directory)
+    step = ck.latest_step()
+    ck.close()
+    return step is not None and step >= cfg[name].train.steps
+
+
+def _codec_run(cfg, workdir):
+    from ldm_jax.codec import train as codec_train
+    result = codec_train.train(cfg.codec, workdir, data_dir(cfg, workdir))
+    if result.preempted:
+        raise KeyboardInterrupt
+    last = [r for r in result.history if "train/mel/loss" in r]
+    return {"steps": result.step, "mel_loss": last[-1]["train/mel/loss"] if last else None}
+
+
+def _codec_eval_done(cfg, workdir):
+    return os.path.isfile(os.path.join(workdir, "codec", "eval.json"))
+
+
+def _codec_eval_run(cfg, workdir):
+    from ldm_jax.codec import inference
+    from ldm_jax.data import builders
+    loaded = inference.load_trained(os.path.join(workdir, "codec"))
+    source = builders.open_split(data_dir(cfg, workdir), cfg.data.name, "test")
+    n = min(len(source), cfg.codec.eval.num_examples)
+    clips = [source[i]["audio"] for i in range(n)]
+    result = inference.evaluate(loaded, clips, batch_size=cfg.codec.eval.batch_size)
+    with open(os.path.join(workdir, "codec", "eval.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    return result
+
+
+def _report_run(cfg, workdir):
+    from ldm_jax.eval import report
+    path = report.write_report(workdir)
+    return {"report": path}
+
+
+def default_stages() -> list[Stage]:
+    """The chain of DESIGN.md, as far as its models exist."""
+    steps = lambda name: (lambda cfg, w: _stage_steps_done(cfg, w, name))  # noqa: E731
+    return [
+        Stage("data", (), ("data",), _data_done, _data_run, ("data",)),
+        Stage("tokenizer", ("data",), ("data", "tokenizer"), _tokenizer_done, _tokenizer_run,
+              ("tokenizer",)),
+        Stage("codec", ("data",), ("data", "codec"), steps("codec"), _codec_run,
+              ("codec", "logs/codec")),
+        Stage("codec_eval", ("codec",), ("codec.eval",), _codec_eval_done, _codec_eval_run),
+        Stage("report", ("codec_eval",), (), lambda cfg, w: False, _report_run),
+    ]

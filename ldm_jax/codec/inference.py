@@ -1,0 +1,123 @@
+"""Using a trained or imported codec: load it, encode and decode files, evaluate it.
+
+A codec directory (`W/codec`, or the `--out` of `codec import-dac`) holds orbax checkpoints under
+`checkpoints/` and the model config beside them (`checkpoints/model_config.json`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ldm_jax.checkpoint import MODEL_CONFIG, Checkpointer, CheckpointError
+from ldm_jax.codec import losses, quantize
+from ldm_jax.codec.model import Codec, CodecConfig, make_codec
+from ldm_jax.codec.quantize import STATS, CodecError
+
+
+def codec_dir(path: str) -> str:
+    """Accepts a workdir W (uses W/codec) or a codec directory itself."""
+    for candidate in (path, os.path.join(path, "codec")):
+        if os.path.isfile(os.path.join(candidate, "checkpoints", MODEL_CONFIG)):
+            return candidate
+    raise CheckpointError(f"no trained codec in {path}: run `ldm-jax train codec --workdir W` or "
+                          "`ldm-jax codec import-dac WEIGHTS.pth --out DIR` first")
+
+
+class LoadedCodec:
+    """A codec with its variables and jitted encode/decode, for files and evaluation."""
+
+    def __init__(self, codec: Codec, variables: dict):
+        self.codec, self.variables = codec, variables
+        self.config: CodecConfig = codec.config
+        self._encode = jax.jit(lambda v, x, n: codec.apply(v, x, n_quantizers=n,
+                                                           method=Codec.encode),
+                               static_argnums=2)
+        self._decode = jax.jit(lambda v, z: codec.apply(v, z, method=Codec.decode))
+        self._from_codes = jax.jit(lambda v, c: codec.apply(v, c, method=Codec.from_codes))
+
+    @property
+    def sample_rate(self) -> int:
+        return self.config.sample_rate
+
+    def encode(self, audio: np.ndarray, n_codebooks: int | None = None) -> dict:
+        """Audio [B, T, C] -> {"z": [B, T', D], "codes": [B, T', K] (quantised codecs)}."""
+        z, aux = self._encode(self.variables, jnp.asarray(audio, jnp.float32), n_codebooks)
+        out = {"z": np.asarray(z)}
+        if "codes" in aux:
+            out["codes"] = np.asarray(aux["codes"])
+        if "mean" in aux:
+            out["mean"] = np.asarray(aux["mean"])
+        return out
+
+    def decode(self, z: np.ndarray) -> np.ndarray:
+        return np.asarray(self._decode(self.variables, jnp.asarray(z, jnp.float32)))
+
+    def decode_codes(self, codes: np.ndarray) -> np.ndarray:
+        return self.decode(self._from_codes(self.variables, jnp.asarray(codes, jnp.int32)))
+
+
+def write_checkpoint(directory: str, config: CodecConfig, params, stats=None, step: int = 0):
+    """Writes an inference checkpoint (params and EMA codebooks) that `load_trained` reads."""
+    state = {"step": np.asarray(step, np.int32), "params": params, "stats": stats or {}}
+    ck = Checkpointer(os.path.join(directory, "checkpoints"), model_config=config.to_dict())
+    ck.save(step, state)
+    ck.close()
+
+
+def load_trained(path: str, *, use_ema: bool = True) -> LoadedCodec:
+    """The latest checkpoint of a codec directory (or of W/codec) as a LoadedCodec."""
+    directory = codec_dir(path)
+    with open(os.path.join(directory, "checkpoints", MODEL_CONFIG)) as f:
+        config = CodecConfig.from_dict(json.load(f))
+    ck = Checkpointer(os.path.join(directory, "checkpoints"))
+    raw = ck.restore_raw()
+    ck.close()
+    params = raw.get("ema_params") if use_ema and raw.get("ema_params") else raw["params"]
+    variables = {"params": params}
+    if raw.get("stats"):
+        variables[STATS] = raw["stats"]
+    return LoadedCodec(make_codec(config), variables)
+
+
+def evaluate(loaded: LoadedCodec, clips: list[np.ndarray], *, n_codebooks: int | None = None,
+             batch_size: int = 8) -> dict:
+    """Reconstruction metrics on clips ([T] or [T, C]) at `n_codebooks` (all by default).
+
+    Returns:
+      mel_distance (DAC's multi-scale mel L1), stft_distance (multi-scale STFT), si_sdr (dB),
+      waveform_l1, bitrate_kbps (None for a KL codec) and the number of clips.
+    """
+    cfg = loaded.config
+    sums = {"mel_distance": 0.0, "stft_distance": 0.0, "si_sdr": 0.0, "waveform_l1": 0.0}
+    count = 0
+    metric_fn = jax.jit(lambda y, x: {
+        "mel_distance": losses.mel_loss(y, x, cfg.sample_rate),
+        "stft_distance": losses.multiscale_stft_loss(y, x),
+        "si_sdr": jnp.mean(losses.si_sdr(y, x)),
+        "waveform_l1": losses.waveform_l1(y, x)})
+    for start in range(0, len(clips), batch_size):
+        group = [np.asarray(c, np.float32).reshape(len(c), -1) for c in
+                 clips[start:start + batch_size]]
+        length = min(len(c) for c in group)
+        x = np.stack([c[:length] for c in group])
+        z = loaded.encode(x, n_codebooks)["z"]
+        y = loaded.decode(z)[:, :length]
+        x = x[:, :y.shape[1]]
+        values = jax.device_get(metric_fn(jnp.asarray(y), jnp.asarray(x)))
+        for k in sums:
+            sums[k] += float(values[k]) * len(group)
+        count += len(group)
+    if not count:
+        raise CodecError("no clips to evaluate: the test split is empty")
+    result = {k: v / count for k, v in sums.items()}
+    result["num_clips"] = count
+    n = 0 if cfg.quantizer == "kl" else (n_codebooks or cfg.n_codebooks)
+    result["n_codebooks"] = n
+    result["bitrate_kbps"] = quantize.bitrate(n, cfg.codebook_size, cfg.frame_rate) / 1000 \
+        if n else None
+    return result

@@ -1,0 +1,113 @@
+"""The self-contained HTML report of an experiment workdir (`W/report.html`).
+
+Per stage: its summary and timing, loss curves, its evaluation metrics; then the generated samples
+as playable audio with their spectrograms and prompts. Images and audio are embedded as data URIs,
+so the file can be copied anywhere.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+
+import numpy as np
+
+from ldm_jax.eval import plots
+
+STAGE_CURVES = {
+    "codec": ["train/loss", "train/mel/loss", "train/disc/loss", "train/adv/gen_loss"],
+    "clap": ["train/loss"],
+    "ldm": ["train/loss"],
+}
+EVAL_FILES = {"codec": "codec/eval.json", "clap": "clap/eval.json",
+              "generation": "samples/eval.json"}
+
+
+def _png_uri(path: str) -> str:
+    with open(path, "rb") as f:
+        return "data:image/png;base64," + base64.b64encode(f.read()).decode()
+
+
+def _wav_uri(audio: np.ndarray, sample_rate: int) -> str:
+    import soundfile as sf
+    buf = io.BytesIO()
+    sf.write(buf, np.asarray(audio, np.float32), sample_rate, format="WAV", subtype="PCM_16")
+    return "data:audio/wav;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _table(values: dict) -> str:
+    rows = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{_fmt(v)}</td></tr>"
+                   for k, v in values.items() if not isinstance(v, (dict, list)))
+    return f"<table>{rows}</table>"
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return html.escape(str(v))
+
+
+def _load_json(path: str):
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    return None
+
+
+def write_report(workdir: str) -> str:
+    """Writes `W/report.html` from whatever the stages left in W; returns its path."""
+    from ldm_jax.loop import read_history
+    parts = [f"<h1>ldm_jax experiment</h1><p>{html.escape(os.path.abspath(workdir))}</p>"]
+    stage_dir = os.path.join(workdir, "stages")
+    figures = os.path.join(workdir, "logs", "figures")
+    names = sorted(os.listdir(stage_dir)) if os.path.isdir(stage_dir) else []
+    records = {n[:-5]: _load_json(os.path.join(stage_dir, n)) for n in names
+               if n.endswith(".json")}
+    order = ["data", "tokenizer", "codec", "codec_eval", "latents", "clap", "clap_eval", "ldm",
+             "samples", "generation_eval"]
+    for name in sorted(records, key=lambda n: order.index(n) if n in order else len(order)):
+        summary = (records[name] or {}).get("summary", {})
+        parts.append(f"<h2>{html.escape(name)}</h2>{_table(summary)}")
+        history = read_history(os.path.join(workdir, name))
+        keys = [k for k in STAGE_CURVES.get(name, []) if any(k in r for r in history)]
+        if keys:
+            png = os.path.join(figures, f"{name}_loss.png")
+            plots.save_curves(png, history, keys, title=f"{name} training")
+            parts.append(f'<img src="{_png_uri(png)}" alt="{name} loss curves">')
+    for title, rel in EVAL_FILES.items():
+        values = _load_json(os.path.join(workdir, rel))
+        if values:
+            parts.append(f"<h2>{title} metrics</h2>{_table(values)}")
+    parts.append(_samples_section(workdir, figures))
+    body = "\n".join(p for p in parts if p)
+    page = ("<!doctype html><html><head><meta charset='utf-8'><title>ldm_jax report</title>"
+            "<style>body{font-family:sans-serif;max-width:960px;margin:2em auto}"
+            "table{border-collapse:collapse}td{border:1px solid #ccc;padding:2px 8px}"
+            "img{max-width:100%}</style></head><body>" + body + "</body></html>")
+    path = os.path.join(workdir, "report.html")
+    with open(path + ".tmp", "w") as f:
+        f.write(page)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def _samples_section(workdir: str, figures: str) -> str:
+    import soundfile as sf
+    index = _load_json(os.path.join(workdir, "samples", "samples.json"))
+    if not index:
+        return ""
+    parts = ["<h2>generated samples</h2>"]
+    for i, item in enumerate(index):
+        wav = os.path.join(workdir, "samples", item["file"])
+        if not os.path.exists(wav):
+            continue
+        audio, sr = sf.read(wav, dtype="float32")
+        png = os.path.join(figures, f"sample_{i}.png")
+        plots.save_log_mel_grid(png, [audio], [item.get("prompt", "")], sr)
+        parts.append(f"<h3>{html.escape(item.get('prompt', ''))}</h3>"
+                     f'<audio controls src="{_wav_uri(audio, sr)}"></audio><br>'
+                     f'<img src="{_png_uri(png)}" alt="spectrogram">')
+    return "\n".join(parts)
