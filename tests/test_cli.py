@@ -1,0 +1,90 @@
+"""The `ldm-jax` command: data, tokenizer and codec commands as a user runs them."""
+
+import os
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from ldm_jax import cli
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("data"))
+    assert cli.main(["data", "build", "synthetic_music", "--data-dir", d,
+                     "--config.data.num_train=6", "--config.data.num_test=2",
+                     "--config.data.clip_seconds=0.5"]) == 0
+    return d
+
+
+def test_data_show_and_tokenizer(data_dir, tmp_path, capsys):
+    png = str(tmp_path / "show.png")
+    assert cli.main(["data", "show", "synthetic_music", "--data-dir", data_dir, "-n", "2",
+                     "--png", png]) == 0
+    out = capsys.readouterr().out
+    assert "instrument=" in out and "tempo_bpm=" in out and os.path.getsize(png) > 1000
+    model = str(tmp_path / "tok" / "spm.model")
+    assert cli.main(["tokenizer", "train", "--data-dir", data_dir, "--out", model,
+                     "--config.tokenizer.vocab_size=64"]) == 0
+    assert os.path.exists(model)
+
+
+def test_rebuild_with_other_parameters_is_a_one_line_error(data_dir, capsys):
+    code = cli.main(["data", "build", "synthetic_music", "--data-dir", data_dir,
+                     "--config.data.num_train=7", "--config.data.num_test=2",
+                     "--config.data.clip_seconds=0.5"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("ldm-jax: error:") and "num_train" in err
+    assert len(err.splitlines()) == 1
+
+
+def test_unknown_config_key_is_a_one_line_error(capsys):
+    assert cli.main(["data", "build", "synthetic_music", "--data-dir", "/tmp/x",
+                     "--config.data.num_trains=3"]) == 2
+    assert "unknown config key 'data.num_trains'" in capsys.readouterr().err
+
+
+def test_import_dac_encode_decode(fixtures_dir, tmp_path, capsys):
+    out = str(tmp_path / "dac")
+    assert cli.main(["codec", "import-dac", os.path.join(fixtures_dir, "dac", "tiny.pth"),
+                     "--out", out]) == 0
+    ref = np.load(os.path.join(fixtures_dir, "dac", "tiny_io.npz"))
+    wav = str(tmp_path / "x.wav")
+    sf.write(wav, ref["x"][0, 0], 16000, subtype="FLOAT")
+    codes = str(tmp_path / "codes.npz")
+    assert cli.main(["codec", "encode", wav, "-o", codes, "--codec", out]) == 0
+    got = np.load(codes)
+    np.testing.assert_array_equal(got["codes"], ref["codes"][0].T)
+    y = str(tmp_path / "y.wav")
+    assert cli.main(["codec", "decode", codes, "-o", y, "--codec", out]) == 0
+    audio, sr = sf.read(y, dtype="float32")
+    assert sr == 16000 and len(audio) == len(ref["y"][0, 0])
+    # WAV is 16-bit: compare at that resolution.
+    np.testing.assert_allclose(audio, ref["y"][0, 0], atol=2e-4)
+    low = str(tmp_path / "y2.wav")
+    assert cli.main(["codec", "decode", codes, "-o", low, "--codec", out,
+                     "--n-codebooks", "2"]) == 0
+    audio2, _ = sf.read(low, dtype="float32")
+    np.testing.assert_allclose(audio2, ref["y_nq2"][0, 0], atol=2e-4)
+
+
+def test_codec_commands_without_a_codec_say_what_to_run(tmp_path, capsys):
+    assert cli.main(["codec", "eval", "--workdir", str(tmp_path)]) == 2
+    assert "ldm-jax train codec" in capsys.readouterr().err
+
+
+def test_malicious_checkpoint_is_refused(tmp_path, capsys):
+    import pickle
+    import zipfile
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    path = tmp_path / "evil.pth"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/data.pkl", pickle.dumps(Evil()))
+    assert cli.main(["codec", "import-dac", str(path), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "refusing to load" in err and not (tmp_path / "pwned").exists()
