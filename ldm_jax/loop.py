@@ -240,7 +240,8 @@ def train(task: Task, data_iterator: Iterator[dict], *, workdir: str, num_steps:
 
     preempted = False
     try:
-        with _StopSignal() as stop:
+        # Tracing under the mesh lets models pin activations with logical constraints.
+        with _StopSignal() as stop, jax.set_mesh(mesh):
             while step < num_steps:
                 host_batch = task.prepare(next(data_iterator))
                 batch = parallel.global_batch(mesh, host_batch)
