@@ -1,7 +1,12 @@
-"""Caption tokenizer (SentencePiece, Kudo & Richardson 2018) for the CLAP text tower.
+"""Caption tokenizer (SentencePiece, Kudo & Richardson 2018) and the CLAP text tower.
 
 Token layout follows CLIP: `[BOS] pieces... [EOS] [PAD]...`, padded or truncated to a fixed length
 so that jitted text encoders see one static shape; the EOS position survives truncation.
+
+The text tower is CLIP's text transformer (Radford et al. 2021, "Learning Transferable Visual
+Models From Natural Language Supervision") with two changes for conditioning: attention is
+bidirectional with a key padding mask (as in the RoBERTa tower of LAION-CLAP, Wu et al. 2023), so
+every token state sees the whole caption, and its token states are returned for cross-attention.
 """
 
 from __future__ import annotations
@@ -10,14 +15,24 @@ import io
 import os
 from collections.abc import Iterable, Sequence
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
 import sentencepiece as spm
+
+from ldm_jax.nn.attention import Transformer
+from ldm_jax.nn.embeddings import LearnedPositionEmbedding
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
 
 class TokenizerError(ValueError):
     """A tokenizer file is missing or unusable; the message says what to run."""
+
+
+class ClapError(ValueError):
+    """A CLAP model or its inputs cannot be used as given; the message says what to do."""
 
 
 class Tokenizer:
@@ -92,3 +107,90 @@ class Tokenizer:
         rows = tokens[None] if tokens.ndim == 1 else tokens
         out = [self._sp.DecodeIds([int(t) for t in row if t > EOS_ID]) for row in rows]
         return out[0] if tokens.ndim == 1 else out
+
+
+def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
+    """`x / ||x||` along `axis`, in float32; a zero vector stays zero."""
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=axis, keepdims=True), eps))
+
+
+def pool_tokens(states: jax.Array, mask: jax.Array, pooling: str) -> jax.Array:
+    """One vector per caption from token states.
+
+    Args:
+      states: [B, L, D].
+      mask: bool [B, L], True at real tokens (BOS ... EOS, then padding).
+      pooling: "eos" takes the last real token, which is EOS in the tokenizer's layout (CLIP);
+        "mean" averages the real tokens.
+
+    Returns:
+      [B, D].
+    """
+    mask = jnp.asarray(mask, bool)
+    if pooling == "eos":
+        last = jnp.maximum(jnp.sum(mask, axis=-1) - 1, 0)
+        return jnp.take_along_axis(states, last[:, None, None], axis=1)[:, 0]
+    if pooling == "mean":
+        weights = mask.astype(states.dtype)[..., None]
+        return jnp.sum(states * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
+    raise ClapError(f"text pooling {pooling!r} is unknown; use 'eos' or 'mean'")
+
+
+class TextEncoder(nn.Module):
+    """Caption tokens -> token states and a normalised joint-space embedding.
+
+    Pooling defaults to the EOS token (CLIP): under bidirectional attention the EOS state is a
+    learned summary of the whole caption, and the token states the diffusion model cross-attends
+    to are then trained through the same path as the pooled embedding. `pooling="mean"` averages
+    the real tokens instead.
+
+    Attributes:
+      vocab_size: embedding rows (at least the tokenizer's vocabulary size).
+      max_length: longest token sequence (the tokenizer's `max_length`).
+      width: model width D.
+      num_layers, num_heads, mlp_ratio, dropout_rate, remat: transformer shape.
+      embed_dim: joint embedding width E.
+      pooling: "eos" or "mean".
+    """
+
+    vocab_size: int
+    max_length: int
+    width: int = 512
+    num_layers: int = 12
+    num_heads: int = 8
+    mlp_ratio: float = 4.0
+    embed_dim: int = 512
+    pooling: str = "eos"
+    dropout_rate: float = 0.0
+    remat: bool = False
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, mask: jax.Array, *, train: bool = False
+                 ) -> tuple[jax.Array, dict]:
+        """Encodes captions.
+
+        Args:
+          tokens: int32 [B, L], L <= max_length, pad id 0 (from `Tokenizer.encode`).
+          mask: bool [B, L], True at real tokens. Padding never influences real tokens, so the
+            outputs at real positions do not depend on L.
+          train: enables dropout (needs a `dropout` rng).
+
+        Returns:
+          states: [B, L, D] in `dtype`, after the final LayerNorm (zero at padding).
+          aux: {"embedding": float32 [B, E] unit-norm, "pooled": [B, D]}.
+        """
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        mask = jnp.asarray(mask, bool)
+        x = nn.Embed(self.vocab_size, self.width, embedding_init=nn.initializers.normal(0.02),
+                     name="token_embedding", **kw)(jnp.asarray(tokens, jnp.int32))
+        x = LearnedPositionEmbedding(self.max_length, self.width, name="positions", **kw)(x)
+        x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
+        x = Transformer(self.num_layers, self.num_heads, self.mlp_ratio, self.dropout_rate,
+                        remat=self.remat, name="transformer", **kw)(x, mask, train=train)
+        x = jnp.where(mask[..., None], x, 0)
+        pooled = pool_tokens(x, mask, self.pooling)
+        projected = nn.Dense(self.embed_dim, use_bias=False, name="projection", **kw)(pooled)
+        return x, {"embedding": l2_normalize(projected), "pooled": pooled}

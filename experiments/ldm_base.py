@@ -1,0 +1,32 @@
+"""A music-LDM-sized 1-D latent diffusion U-Net for accelerators.
+
+The AudioLDM / MusicLDM denoiser (Rombach et al., 2022; Liu et al., 2023; Chen et al., 2023)
+rebuilt in 1-D over codec latent frames: base width 192 with multipliers (1, 2, 3, 4), two ResNet
+blocks per level, transformer stages (self- and cross-attention, 64-wide heads) at levels 1-3 and
+in the middle, bfloat16 compute and rematerialised blocks. 188,949,952 parameters
+(`ldm_jax.diffusion.unet.param_count`), in the range of the 2-D U-Nets of AudioLDM and MusicLDM
+(about 180-260 M). Text states of width 768 (`context_dim`) and a 512-wide pooled CLAP
+embedding (`pooled_dim`) condition it; `latent_channels` must equal the codec's latent_dim.
+"""
+
+import ml_collections
+
+from experiments import common
+
+
+def get_config(arg=None):
+    del arg
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.data = common.data(clip_seconds=10.0, crop_seconds=10.0)
+    c.tokenizer = common.tokenizer(vocab_size=8192, max_length=64)
+    c.model = ml_collections.ConfigDict(dict(
+        latent_channels=64, base_channels=192, channel_mult=(1, 2, 3, 4), num_res_blocks=2,
+        attention_levels=(1, 2, 3), num_heads=8, head_dim=64, transformer_depth=1, mlp_ratio=4,
+        norm_groups=32, context_dim=768, pooled_dim=512, dropout=0.0, remat=True,
+        remat_policy="dots_with_no_batch_dims_saveable", dtype="bfloat16"))
+    c.train = ml_collections.ConfigDict(dict(steps=200_000, batch_size=256, lr=1e-4))
+    c.mesh = common.mesh(data=-1, fsdp=1, tensor=1)
+    c.checkpoint = common.checkpoint(every_steps=5000, keep=3)
+    c.log = common.log(every_steps=100, audio_every_steps=5000)
+    return c

@@ -1,0 +1,357 @@
+"""CLAP: contrastive language-audio pretraining (Elizalde et al. 2023; LAION-CLAP, Wu et al. 2023).
+
+A text tower and an audio tower map captions and clips into one L2-normalised space; training
+pulls each clip towards its caption with CLIP's symmetric InfoNCE loss (Radford et al. 2021;
+van den Oord et al. 2018) at a learned temperature. Under `jax.jit` with batch-sharded inputs the
+similarity matrix `audio @ text.T` is formed over the global batch by GSPMD, so every example is
+contrasted with every other example of the step, on any number of devices (no explicit gather).
+
+Entry points: `make_model(cfg)`, the pure functions `embed_text`, `embed_audio`, `text_states`,
+`contrastive_loss`, and `ClapModel.load(workdir)` for use from Python and by the diffusion stage.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from ldm_jax.clap.audio import AudioEncoder
+from ldm_jax.clap.text import ClapError, TextEncoder, Tokenizer
+
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.model"
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+__all__ = ["Clap", "ClapError", "ClapModel", "contrastive_loss", "embed_audio", "embed_text",
+           "init_params", "make_embedders", "make_model", "similarity_logits", "text_states"]
+
+
+class Clap(nn.Module):
+    """The two towers and the learned temperature (`logit_scale`, a log inverse temperature).
+
+    Attributes:
+      text: the text tower.
+      audio: the audio tower.
+      logit_scale_init: initial log inverse temperature (CLIP: log(1 / 0.07)).
+      logit_scale_max: the inverse temperature is clamped to `exp(logit_scale_max)` (CLIP: 100).
+    """
+
+    text: TextEncoder
+    audio: AudioEncoder
+    logit_scale_init: float = math.log(1 / 0.07)
+    logit_scale_max: float = math.log(100.0)
+
+    def setup(self):
+        self.logit_scale = self.param("logit_scale", nn.initializers.constant(
+            self.logit_scale_init), (), jnp.float32)
+
+    def encode_text(self, tokens, mask, *, train: bool = False):
+        """`TextEncoder.__call__`: (states [B, L, D], {"embedding", "pooled"})."""
+        return self.text(tokens, mask, train=train)
+
+    def encode_audio(self, wave, wave_mask=None, *, train: bool = False):
+        """`AudioEncoder.__call__`: (states [B, N, D], {"embedding", "mask", "pooled"})."""
+        return self.audio(wave, wave_mask, train=train)
+
+    def __call__(self, tokens, text_mask, wave, wave_mask=None, *, train: bool = False
+                 ) -> tuple[jax.Array, dict]:
+        """Audio-to-text logits of a batch of (clip, caption) pairs.
+
+        Args:
+          tokens, text_mask: int32 / bool [B, L] captions.
+          wave, wave_mask: float [B, T] / bool [B, T] clips.
+          train: enables dropout.
+
+        Returns:
+          logits: float32 [B, B], `scale * audio_embedding @ text_embedding.T`.
+          aux: {"audio_embedding": [B, E], "text_embedding": [B, E], "logit_scale": scalar
+                (the clamped log inverse temperature)}.
+        """
+        _, text_aux = self.encode_text(tokens, text_mask, train=train)
+        _, audio_aux = self.encode_audio(wave, wave_mask, train=train)
+        scale = jnp.minimum(self.logit_scale, self.logit_scale_max)
+        logits = similarity_logits(audio_aux["embedding"], text_aux["embedding"], scale)
+        return logits, {"audio_embedding": audio_aux["embedding"],
+                        "text_embedding": text_aux["embedding"], "logit_scale": scale}
+
+
+def similarity_logits(audio_embedding: jax.Array, text_embedding: jax.Array,
+                      logit_scale: jax.Array) -> jax.Array:
+    """`exp(logit_scale) * audio @ text.T` in float32 ([B, E] x [B, E] -> [B, B])."""
+    sim = jnp.matmul(audio_embedding.astype(jnp.float32), text_embedding.astype(jnp.float32).T,
+                     precision=jax.lax.Precision.HIGHEST)
+    return jnp.exp(logit_scale) * sim
+
+
+def contrastive_loss(logits: jax.Array) -> tuple[jax.Array, dict]:
+    """Symmetric InfoNCE over a [B, B] logit matrix whose diagonal holds the true pairs.
+
+    Args:
+      logits: float [B, B], row i = clip i against every caption of the (global) batch.
+
+    Returns:
+      loss: scalar, the mean of the audio->text and text->audio cross-entropies.
+      metrics: {"loss/audio_to_text", "loss/text_to_audio", "accuracy/audio_to_text",
+                "accuracy/text_to_audio"} (in-batch top-1).
+    """
+    logits = logits.astype(jnp.float32)
+    labels = jnp.arange(logits.shape[0])
+    a2t = -jnp.mean(jnp.diagonal(jax.nn.log_softmax(logits, axis=1)))
+    t2a = -jnp.mean(jnp.diagonal(jax.nn.log_softmax(logits, axis=0)))
+    metrics = {"loss/audio_to_text": a2t, "loss/text_to_audio": t2a,
+               "accuracy/audio_to_text": jnp.mean(jnp.argmax(logits, axis=1) == labels),
+               "accuracy/text_to_audio": jnp.mean(jnp.argmax(logits, axis=0) == labels)}
+    return 0.5 * (a2t + t2a), metrics
+
+
+def _model_cfg(cfg):
+    """The `model` section of an experiment config (or the section itself)."""
+    return cfg["model"] if "model" in cfg else cfg
+
+
+def dtype_of(cfg) -> jnp.dtype:
+    name = str(_model_cfg(cfg).get("dtype", "float32"))
+    if name not in DTYPES:
+        raise ClapError(f"model.dtype={name!r} is unknown; use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def make_model(cfg) -> Clap:
+    """Builds the Clap module from an experiment config (or its `model` section).
+
+    Args:
+      cfg: ConfigDict or dict with `embed_dim`, `dtype`, `remat`, `logit_scale_init`,
+        `logit_scale_max`, and `text` / `audio` sections (see experiments/clap_tiny.py).
+
+    Returns:
+      An unbound Clap module.
+    """
+    m = _model_cfg(cfg)
+    dtype = dtype_of(m)
+    t, a = m["text"], m["audio"]
+    remat = bool(m.get("remat", False))
+    text = TextEncoder(
+        vocab_size=int(t["vocab_size"]), max_length=int(t["max_length"]), width=int(t["width"]),
+        num_layers=int(t["num_layers"]), num_heads=int(t["num_heads"]),
+        mlp_ratio=float(t["mlp_ratio"]), embed_dim=int(m["embed_dim"]),
+        pooling=str(t.get("pooling", "eos")), dropout_rate=float(t.get("dropout_rate", 0.0)),
+        remat=remat, dtype=dtype)
+    fmax = a.get("fmax", None)
+    audio = AudioEncoder(
+        sample_rate=int(a["sample_rate"]), max_seconds=float(a["max_seconds"]),
+        n_fft=int(a["n_fft"]), hop_length=int(a["hop_length"]), n_mels=int(a["n_mels"]),
+        fmin=float(a.get("fmin", 0.0)), fmax=None if fmax is None else float(fmax),
+        mel_offset=float(a.get("mel_offset", -3.0)), mel_scale=float(a.get("mel_scale", 2.0)),
+        stem_strides=tuple(int(s) for s in a["stem_strides"]), width=int(a["width"]),
+        num_layers=int(a["num_layers"]), num_heads=int(a["num_heads"]),
+        mlp_ratio=float(a["mlp_ratio"]), embed_dim=int(m["embed_dim"]),
+        dropout_rate=float(a.get("dropout_rate", 0.0)), remat=remat, dtype=dtype)
+    return Clap(text=text, audio=audio,
+                logit_scale_init=float(m.get("logit_scale_init", math.log(1 / 0.07))),
+                logit_scale_max=float(m.get("logit_scale_max", math.log(100.0))))
+
+
+def init_params(cfg, rng: jax.Array, text_length: int | None = None,
+                audio_samples: int | None = None) -> dict:
+    """Fresh parameters `{"text": ..., "audio": ..., "logit_scale": ...}` (shapes only depend on
+    the config; the dummy inputs default to the longest caption and at most one second of
+    audio)."""
+    m = _model_cfg(cfg)
+    model = make_model(m)
+    a = m["audio"]
+    length = text_length or int(m["text"]["max_length"])
+    longest = max(int(float(a["max_seconds"]) * int(a["sample_rate"])), int(a["n_fft"]))
+    samples = audio_samples or min(int(a["sample_rate"]), longest)
+    tokens = jnp.zeros((1, length), jnp.int32)
+    wave = jnp.zeros((1, samples), jnp.float32)
+    return model.init(rng, tokens, tokens > 0, wave, None)["params"]
+
+
+def _check_tokens(tokens, cfg):
+    limit = int(_model_cfg(cfg)["text"]["max_length"])
+    if tokens.shape[-1] > limit:
+        raise ClapError(f"captions of {tokens.shape[-1]} tokens exceed model.text.max_length="
+                        f"{limit}; encode them with max_length={limit}")
+
+
+def embed_text(params, tokens, mask, cfg) -> jax.Array:
+    """Unit-norm caption embeddings.
+
+    Args:
+      params: the model parameters (`state["params"]`).
+      tokens: int32 [B, L]; mask: bool [B, L] (from `Tokenizer.encode`).
+      cfg: the experiment config or its `model` section (static).
+
+    Returns:
+      float32 [B, E].
+    """
+    _check_tokens(tokens, cfg)
+    _, aux = make_model(cfg).apply({"params": params}, tokens, mask,
+                                   method=Clap.encode_text)
+    return aux["embedding"]
+
+
+def text_states(params, tokens, mask, cfg) -> jax.Array:
+    """Token states [B, L, D] of the text tower (zero at padding), for cross-attention."""
+    _check_tokens(tokens, cfg)
+    states, _ = make_model(cfg).apply({"params": params}, tokens, mask,
+                                      method=Clap.encode_text)
+    return states
+
+
+def embed_audio(params, wave, mask, cfg) -> jax.Array:
+    """Unit-norm clip embeddings.
+
+    Args:
+      params: the model parameters.
+      wave: float [B, T] at model.audio.sample_rate; mask: bool [B, T] real samples (or None).
+      cfg: the experiment config or its `model` section (static).
+
+    Returns:
+      float32 [B, E], independent of how much padding follows each clip.
+    """
+    _, aux = make_model(cfg).apply({"params": params}, wave, mask, method=Clap.encode_audio)
+    return aux["embedding"]
+
+
+def make_embedders(cfg) -> tuple:
+    """Jitted `(params, tokens, mask) -> (states [B, L, D], embedding [B, E])` and
+    `(params, wave, mask) -> embedding [B, E]`, compiled once per input shape."""
+    model = make_model(cfg)
+
+    def text_fn(p, tokens, mask):
+        states, aux = model.apply({"params": p}, tokens, mask, method=Clap.encode_text)
+        return states, aux["embedding"]
+
+    def audio_fn(p, wave, mask):
+        return model.apply({"params": p}, wave, mask, method=Clap.encode_audio)[1]["embedding"]
+
+    return jax.jit(text_fn), jax.jit(audio_fn)
+
+
+def _batches(n: int, size: int):
+    for start in range(0, n, size):
+        yield start, min(start + size, n)
+
+
+class ClapModel:
+    """A trained CLAP model with its tokenizer, for embedding captions and clips from Python.
+
+    Inputs are padded to fixed batch and bucketed lengths, so repeated calls reuse compiled code.
+    """
+
+    def __init__(self, cfg: ml_collections.ConfigDict, params, tokenizer: Tokenizer,
+                 batch_size: int = 64, step: int | None = None):
+        self.cfg = cfg
+        self.step = step
+        self.params = params
+        self.tokenizer = tokenizer
+        self.batch_size = int(batch_size)
+        self.max_length = int(cfg.model.text.max_length)
+        self.sample_rate = int(cfg.model.audio.sample_rate)
+        if tokenizer.vocab_size > int(cfg.model.text.vocab_size):
+            raise ClapError(f"the tokenizer has {tokenizer.vocab_size} pieces but the model "
+                            f"embeds {cfg.model.text.vocab_size}; use the run's own tokenizer")
+        self.embedders = make_embedders(cfg)
+        self._text, self._audio = self.embedders
+
+    @classmethod
+    def load(cls, workdir: str, step: int | None = None, batch_size: int = 64) -> ClapModel:
+        """Loads `workdir/config.json`, `workdir/tokenizer.model` and the latest checkpoint.
+
+        Raises:
+          ClapError: the directory holds no trained CLAP model.
+        """
+        from ldm_jax.checkpoint import Checkpointer
+
+        path = os.path.join(workdir, CONFIG_FILE)
+        if not os.path.isfile(path):
+            raise ClapError(f"no CLAP model in {workdir} (missing {CONFIG_FILE}); run "
+                            "`ldm-jax train clap` first")
+        with open(path) as f:
+            cfg = ml_collections.ConfigDict(json.load(f))
+        tokenizer = Tokenizer.load(os.path.join(workdir, TOKENIZER_FILE))
+        checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"))
+        try:
+            step = checkpointer.latest_step() if step is None else int(step)
+            if step is None:
+                raise ClapError(f"no checkpoint in {workdir}/checkpoints; train the model first")
+            params = checkpointer.restore_raw(step)["params"]
+        finally:
+            checkpointer.close()
+        params = jax.tree_util.tree_map(jnp.asarray, params)
+        return cls(cfg, params, tokenizer, batch_size=batch_size, step=step)
+
+    def _encode_text(self, texts: Sequence[str]):
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        tokens, mask = self.tokenizer.encode(texts, self.max_length)
+        states, embs = [], []
+        for s, e in _batches(len(texts), self.batch_size):
+            pad = self.batch_size - (e - s)
+            t = np.pad(tokens[s:e], [(0, pad), (0, 0)])
+            m = np.pad(mask[s:e], [(0, pad), (0, 0)])
+            st, em = self._text(self.params, t, m)
+            states.append(np.asarray(st[: e - s], np.float32))
+            embs.append(np.asarray(em[: e - s]))
+        return np.concatenate(states), mask, np.concatenate(embs)
+
+    def embed_text(self, texts: Sequence[str]) -> np.ndarray:
+        """Captions -> float32 [B, E] unit-norm embeddings."""
+        return self._encode_text(texts)[2]
+
+    def text_states(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Captions -> (token states float32 [B, L, D], mask bool [B, L]) for conditioning."""
+        states, mask, _ = self._encode_text(texts)
+        return states, mask
+
+    def embed_audio(self, audio, mask: np.ndarray | None = None,
+                    sample_rate: int | None = None) -> np.ndarray:
+        """Clips -> float32 [B, E] unit-norm embeddings.
+
+        Args:
+          audio: one clip [T], a batch [B, T] (or [B, T, C]), or a list of clips of any lengths.
+          mask: bool [B, T] real samples for a padded batch (None: all real).
+          sample_rate: the rate of `audio`; resampled to the model's rate when it differs.
+            Clips longer than model.audio.max_seconds are cut to their centre.
+
+        Returns:
+          float32 [B, E].
+        """
+        from ldm_jax.audio.dsp import resample_numpy
+
+        if isinstance(audio, np.ndarray | jax.Array) and np.ndim(audio) == 1:
+            audio = [np.asarray(audio)]
+        if isinstance(audio, np.ndarray | jax.Array):
+            audio = np.asarray(audio, np.float32)
+            audio = audio.mean(-1) if audio.ndim == 3 else audio
+            lengths = np.full(len(audio), audio.shape[1]) if mask is None else \
+                np.asarray(mask).sum(1)
+            clips = [a[:n] for a, n in zip(audio, lengths)]
+        else:
+            clips = [np.asarray(a, np.float32) for a in audio]
+            clips = [c.mean(-1) if c.ndim == 2 else c for c in clips]
+        if sample_rate is not None and int(sample_rate) != self.sample_rate:
+            clips = [resample_numpy(c, int(sample_rate), self.sample_rate) for c in clips]
+        limit = int(float(self.cfg.model.audio.max_seconds) * self.sample_rate)
+        clips = [c[(len(c) - limit) // 2:][:limit] if len(c) > limit else c for c in clips]
+        # Lengths are bucketed to tenths of the maximum so few shapes are compiled.
+        bucket = max(limit // 10, int(self.cfg.model.audio.n_fft))
+        out = []
+        for s, e in _batches(len(clips), self.batch_size):
+            chunk = clips[s:e]
+            width = min(-(-max(len(c) for c in chunk) // bucket) * bucket, max(limit, bucket))
+            wave = np.zeros((self.batch_size, width), np.float32)
+            valid = np.zeros((self.batch_size, width), bool)
+            for i, c in enumerate(chunk):
+                wave[i, :len(c)] = c
+                valid[i, :len(c)] = True
+            out.append(np.asarray(self._audio(self.params, wave, valid))[: e - s])
+        return np.concatenate(out)

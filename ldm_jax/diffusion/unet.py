@@ -1,0 +1,435 @@
+"""The 1-D latent diffusion U-Net: ResNet blocks, text cross-attention, skip connections.
+
+Follows the denoiser of latent diffusion (Rombach et al., "High-Resolution Image Synthesis with
+Latent Diffusion Models", 2022) as used for audio by AudioLDM (Liu et al., 2023) and MusicLDM
+(Chen et al., 2023), with the 2-D convolutions replaced by 1-D ones over codec latent frames
+(channels last, `[batch, frames, channels]`):
+
+- a sinusoidal timestep embedding through a two-layer MLP (DDPM, Ho et al., 2020), to which a
+  projection of the pooled text embedding is added;
+- ResNet blocks (GroupNorm, SiLU, width-3 convolutions) conditioned by a scale and a shift
+  computed from that embedding (FiLM, Perez et al., 2018; the scale-shift norm of Dhariwal &
+  Nichol, 2021);
+- at the levels named in the config, and always in the middle, a transformer stage (LDM's
+  "spatial transformer"): GroupNorm, a projection in, pre-LN blocks of self-attention over frames,
+  cross-attention to the text states and a GELU MLP, a projection out;
+- strided-convolution downsampling, nearest-neighbour upsampling followed by a convolution, and
+  skip connections from every down-path block to the up path;
+- the last layer of every residual branch and the output convolution zero-initialised, so the
+  network starts as the identity on its residual stream and outputs zeros.
+
+Lengths: the input is padded with zeros at the end to a multiple of `2 ** (levels - 1)` and the
+output cropped back. The padded frames are masked at every level: they are left out of the
+GroupNorm statistics and of the self-attention keys, and zeroed before every convolution, so the
+real frames see what a network without padding would show them (zeros past the end, as from a
+convolution's own padding). A length that already divides adds no masking work.
+
+Conditioning: cross-attention keys are a learned null token followed by the text states, under
+`[True] + context_mask`. A caption that is entirely padding (dropped for classifier-free guidance,
+or `context=None`) therefore attends to the null token alone: finite in value and gradient, and
+identical to `context=None`. `pooled=None` equals a zero pooled embedding (its projection has no
+bias).
+
+Sharding: traced under `jax.set_mesh(mesh)`, block outputs and skip concatenations are pinned to
+the batch axes of `ldm_jax.parallel`, so FSDP-sharded kernels are gathered instead of the
+activations being resharded; outside a mesh context nothing changes.
+
+Sizes (`param_count`, counted with `jax.eval_shape`):
+  `experiments/ldm_tiny.py`: 2,545,808 parameters (base width 64, multipliers (1, 2)).
+  `experiments/ldm_base.py`: 188,949,952 parameters (base width 192, multipliers (1, 2, 3, 4),
+  two ResNet blocks per level, attention at levels 1-3 and in the middle, 64-wide heads).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from ldm_jax.diffusion.schedules import DiffusionError
+from ldm_jax.nn.attention import TransformerBlock
+from ldm_jax.nn.embeddings import TimestepEmbedding
+from ldm_jax.parallel import BATCH_AXES
+
+Dtype = Any
+
+# The fields of the `model` config section and their defaults; `make_unet` rejects other keys.
+DEFAULTS: dict[str, Any] = dict(
+    latent_channels=16,  # must equal the codec's latent_dim
+    base_channels=64,
+    channel_mult=(1, 2),
+    num_res_blocks=1,
+    attention_levels=(1,),  # indices into channel_mult that get a transformer stage
+    num_heads=4,
+    head_dim=0,  # > 0: heads = channels // head_dim at every level, instead of num_heads
+    transformer_depth=1,
+    mlp_ratio=4,
+    norm_groups=32,
+    context_dim=128,  # width of the text states; 0 builds no cross-attention
+    pooled_dim=128,  # width of the pooled text embedding; 0 builds no projection
+    dropout=0.0,
+    remat=False,
+    remat_policy="nothing_saveable",  # one of REMAT_POLICIES
+    dtype="float32",  # compute dtype; parameters are always float32
+)
+# Policies of jax.checkpoint_policies that take no arguments, from most to least recomputation.
+REMAT_POLICIES = ("nothing_saveable", "dots_with_no_batch_dims_saveable", "dots_saveable",
+                  "everything_saveable")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def _pin_batch(h: jax.Array) -> jax.Array:
+    """Keeps activations sharded over the batch axes when tracing under `jax.set_mesh`.
+
+    Without it GSPMD may carry the FSDP sharding of a kernel's feature axis into the activations
+    and reshard them at every skip connection. Outside a mesh context, or for a batch that the
+    batch axes do not divide, this is the identity.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+        return h
+    if h.shape[0] % math.prod(mesh.shape[a] for a in BATCH_AXES):
+        return h
+    return jax.lax.with_sharding_constraint(h, P(BATCH_AXES, *([None] * (h.ndim - 1))))
+
+
+def _zero_invalid(h: jax.Array, mask: jax.Array | None) -> jax.Array:
+    return h if mask is None else jnp.where(mask[..., None], h, jnp.zeros((), h.dtype))
+
+
+def _group_norm(name: str, groups: int, x: jax.Array, mask: jax.Array | None, **kw) -> jax.Array:
+    """GroupNorm over time and channel groups; statistics over the valid frames only."""
+    if mask is not None:
+        mask = jnp.broadcast_to(mask[..., None], (1,) + x.shape[1:])
+    return nn.GroupNorm(groups, name=name, **kw)(x, mask=mask)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice, scale-shift conditioned on `emb`, plus a residual path.
+
+    Attributes:
+      features: output channels.
+      groups: GroupNorm groups.
+      dropout: dropout rate before the second convolution.
+      deterministic: no dropout (inference).
+    """
+
+    features: int
+    groups: int
+    dropout: float = 0.0
+    deterministic: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, emb: jax.Array, mask: jax.Array | None) -> jax.Array:
+        """Args: x [B, T, C_in]; emb [B, E]; mask None or bool [1, T]. Returns [B, T, features]."""
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = _zero_invalid(nn.silu(_group_norm("norm1", self.groups, x, mask, **kw)), mask)
+        h = nn.Conv(self.features, (3,), padding=1, name="conv1", **kw)(h)
+        film = nn.Dense(2 * self.features, name="emb_proj", **kw)(nn.silu(emb))
+        scale, shift = jnp.split(film[:, None, :], 2, axis=-1)
+        h = _group_norm("norm2", self.groups, h, mask, **kw) * (1 + scale) + shift
+        h = nn.Dropout(self.dropout, deterministic=self.deterministic)(nn.silu(h))
+        h = nn.Conv(self.features, (3,), padding=1, kernel_init=nn.initializers.zeros,
+                    name="conv2", **kw)(_zero_invalid(h, mask))
+        if x.shape[-1] != self.features:
+            x = nn.Dense(self.features, name="skip", **kw)(x)
+        return _zero_invalid(x + h, mask)
+
+
+class AttentionStage(nn.Module):
+    """GroupNorm, projection in, `depth` transformer blocks, zero-initialised projection out.
+
+    Attributes:
+      num_heads: attention heads.
+      depth: transformer blocks.
+      mlp_ratio: MLP hidden width over the channels.
+      cross: cross-attend to the context.
+      groups: GroupNorm groups.
+      dropout: dropout on each residual branch of the blocks.
+      deterministic: no dropout (inference).
+    """
+
+    num_heads: int
+    depth: int = 1
+    mlp_ratio: int = 4
+    cross: bool = True
+    groups: int = 32
+    dropout: float = 0.0
+    deterministic: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, mask, context, context_mask):
+        """Args: x [B, T, C]; mask None or bool [1, T]; context [B, S, D] and context_mask bool
+        [B, S] (None without cross-attention). Returns [B, T, C]."""
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        width = x.shape[-1]
+        h = _group_norm("norm", self.groups, x, mask, **kw)
+        h = nn.Dense(width, name="proj_in", **kw)(h)
+        for i in range(self.depth):
+            h = TransformerBlock(self.num_heads, self.mlp_ratio, self.dropout, self.cross,
+                                 name=f"block_{i}", **kw)(h, mask, context, context_mask,
+                                                         not self.deterministic)
+        h = nn.Dense(width, kernel_init=nn.initializers.zeros, name="proj_out", **kw)(h)
+        return _zero_invalid(x + h, mask)
+
+
+class UNet(nn.Module):
+    """The 1-D U-Net denoiser over codec latents (see the module docstring).
+
+    Attributes: the fields of `DEFAULTS` (dtype as a jnp dtype), and `param_dtype`.
+    """
+
+    latent_channels: int
+    base_channels: int = 64
+    channel_mult: tuple[int, ...] = (1, 2)
+    num_res_blocks: int = 1
+    attention_levels: tuple[int, ...] = (1,)
+    num_heads: int = 4
+    head_dim: int = 0
+    transformer_depth: int = 1
+    mlp_ratio: int = 4
+    norm_groups: int = 32
+    context_dim: int = 128
+    pooled_dim: int = 128
+    dropout: float = 0.0
+    remat: bool = False
+    remat_policy: str = "nothing_saveable"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @property
+    def frame_multiple(self) -> int:
+        """Frame counts that need no internal padding are multiples of this."""
+        return 2 ** (len(self.channel_mult) - 1)
+
+    def _heads(self, channels: int) -> int:
+        return channels // self.head_dim if self.head_dim > 0 else self.num_heads
+
+    def _check_inputs(self, x, t, context, context_mask, pooled):
+        if x.ndim != 3 or x.shape[-1] != self.latent_channels:
+            raise DiffusionError(f"the U-Net takes latents [batch, frames, "
+                                 f"{self.latent_channels}], got shape {tuple(x.shape)}; "
+                                 "model.latent_channels must equal the codec's latent_dim")
+        batch = x.shape[0]
+        if jnp.ndim(t) not in (0, 1) or (jnp.ndim(t) == 1 and jnp.shape(t)[0] != batch):
+            raise DiffusionError(f"timesteps must be a scalar or [{batch}], got shape "
+                                 f"{tuple(jnp.shape(t))}")
+        if context is not None:
+            if self.context_dim == 0:
+                raise DiffusionError("this U-Net has no cross-attention (model.context_dim=0); "
+                                     "pass context=None or set model.context_dim")
+            if context.ndim != 3 or context.shape[0] != batch or \
+                    context.shape[-1] != self.context_dim:
+                raise DiffusionError(f"context must be [{batch}, length, {self.context_dim}], got "
+                                     f"{tuple(context.shape)}; set model.context_dim to the "
+                                     "text width")
+            if context_mask is not None and tuple(context_mask.shape) != context.shape[:2]:
+                raise DiffusionError(f"context_mask must be {tuple(context.shape[:2])}, got "
+                                     f"{tuple(context_mask.shape)}")
+        if pooled is not None and (self.pooled_dim == 0 or
+                                   tuple(pooled.shape) != (batch, self.pooled_dim)):
+            raise DiffusionError(f"pooled must be [{batch}, {self.pooled_dim}], got "
+                                 f"{tuple(pooled.shape)}; set model.pooled_dim to its width "
+                                 "(0 disables it)")
+
+    def _context(self, batch: int, context, context_mask):
+        """Prepends the learned null token: keys [B, 1 + L, D] and mask [B, 1 + L]."""
+        null = self.param("null_context", nn.initializers.normal(0.02),
+                          (1, 1, self.context_dim), self.param_dtype)
+        null = null.astype(self.dtype)
+        if context is None:
+            return jnp.broadcast_to(null, (batch, 1, self.context_dim)), jnp.ones((batch, 1), bool)
+        if context_mask is None:
+            context_mask = jnp.ones(context.shape[:2], bool)
+        keys = jnp.concatenate([jnp.broadcast_to(null, (batch, 1, self.context_dim)),
+                                context.astype(self.dtype)], axis=1)
+        return keys, jnp.pad(context_mask.astype(bool), ((0, 0), (1, 0)), constant_values=True)
+
+    @nn.compact
+    def __call__(self, x, t, context=None, context_mask=None, pooled=None, *, train=False):
+        """Predicts the diffusion target for noisy latents.
+
+        Args:
+          x: noisy latents [B, T, latent_channels]; any T >= 1.
+          t: timesteps [B] or a scalar, integer or float (continuous times are fine).
+          context: text states [B, L, context_dim], or None (unconditional).
+          context_mask: bool [B, L], True at real tokens; None means all real.
+          pooled: pooled text embedding [B, pooled_dim], or None (a zero embedding).
+          train: enables dropout (needs a `dropout` rng when model.dropout > 0).
+
+        Returns:
+          `(out, aux)`: out [B, T, latent_channels] in x's dtype; aux an empty dict.
+        """
+        self._check_inputs(x, t, context, context_mask, pooled)
+        batch, frames, _ = x.shape
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        levels = len(self.channel_mult)
+        padded = -(-frames // self.frame_multiple) * self.frame_multiple
+        masks, valid = [], frames
+        for level in range(levels):
+            length = padded // 2**level
+            masks.append(None if padded == frames else (jnp.arange(length) < valid)[None])
+            valid = -(-valid // 2)
+
+        res_cls, stage_cls = ResBlock, AttentionStage
+        if self.remat:
+            policy = getattr(jax.checkpoint_policies, self.remat_policy)
+            res_cls = nn.remat(ResBlock, policy=policy)
+            stage_cls = nn.remat(AttentionStage, policy=policy)
+
+        def res(features, name):
+            block = res_cls(features, self.norm_groups, self.dropout, not train, name=name, **kw)
+            return lambda h, emb, mask: _pin_batch(block(h, emb, mask))
+
+        def stage(h, level, name):
+            mod = stage_cls(self._heads(h.shape[-1]), self.transformer_depth, self.mlp_ratio,
+                            self.context_dim > 0, self.norm_groups, self.dropout, not train,
+                            name=name, **kw)
+            return _pin_batch(mod(h, masks[level], keys, keys_mask))
+
+        t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (batch,))
+        emb = TimestepEmbedding(4 * self.base_channels, frequency_dim=self.base_channels,
+                                name="time_embed", **kw)(t)
+        if self.pooled_dim:
+            if pooled is None:
+                pooled = jnp.zeros((batch, self.pooled_dim), self.dtype)
+            emb = emb + nn.Dense(emb.shape[-1], use_bias=False, name="pooled_proj",
+                                 **kw)(pooled.astype(self.dtype))
+        keys, keys_mask = (self._context(batch, context, context_mask) if self.context_dim
+                           else (None, None))
+
+        h = jnp.pad(x.astype(self.dtype), ((0, 0), (0, padded - frames), (0, 0)))
+        h = nn.Conv(self.base_channels, (3,), padding=1, name="conv_in", **kw)(h)
+        skips = [h]
+        for level, mult in enumerate(self.channel_mult):
+            for i in range(self.num_res_blocks):
+                h = res(self.base_channels * mult, f"down_{level}_res_{i}")(h, emb, masks[level])
+                if level in self.attention_levels:
+                    h = stage(h, level, f"down_{level}_attn_{i}")
+                skips.append(h)
+            if level < levels - 1:
+                h = nn.Conv(h.shape[-1], (3,), strides=2, padding=1,
+                            name=f"down_{level}_downsample", **kw)(h)
+                h = _zero_invalid(h, masks[level + 1])
+                skips.append(h)
+
+        width = h.shape[-1]
+        h = res(width, "mid_res_0")(h, emb, masks[-1])
+        h = stage(h, levels - 1, "mid_attn")
+        h = res(width, "mid_res_1")(h, emb, masks[-1])
+
+        for level in reversed(range(levels)):
+            for i in range(self.num_res_blocks + 1):
+                h = _pin_batch(jnp.concatenate([h, skips.pop()], axis=-1))
+                h = res(self.base_channels * self.channel_mult[level],
+                        f"up_{level}_res_{i}")(h, emb, masks[level])
+                if level in self.attention_levels:
+                    h = stage(h, level, f"up_{level}_attn_{i}")
+            if level > 0:
+                h = _zero_invalid(jnp.repeat(h, 2, axis=1), masks[level - 1])
+                h = nn.Conv(h.shape[-1], (3,), padding=1, name=f"up_{level}_upsample", **kw)(h)
+                h = _zero_invalid(h, masks[level - 1])
+
+        h = _zero_invalid(nn.silu(_group_norm("norm_out", self.norm_groups, h, masks[0], **kw)),
+                          masks[0])
+        h = nn.Conv(self.latent_channels, (3,), padding=1, kernel_init=nn.initializers.zeros,
+                    name="conv_out", **kw)(h)
+        return h[:, :frames].astype(x.dtype), {}
+
+
+def _model_fields(model_cfg) -> dict[str, Any]:
+    """`cfg.model` (ConfigDict or mapping) -> UNet fields, with defaults and checks."""
+    given = dict(model_cfg.items())
+    unknown = sorted(set(given) - set(DEFAULTS))
+    if unknown:
+        raise DiffusionError(f"unknown U-Net config keys {unknown}; model takes: "
+                             f"{', '.join(DEFAULTS)}")
+    f = {**DEFAULTS, **given}
+    f["channel_mult"] = tuple(int(m) for m in f["channel_mult"])
+    f["attention_levels"] = tuple(int(a) for a in f["attention_levels"])
+    if f["dtype"] not in DTYPES:
+        raise DiffusionError(f"model.dtype {f['dtype']!r} is not one of {', '.join(DTYPES)}")
+    f["dtype"] = DTYPES[f["dtype"]]
+    if not f["channel_mult"]:
+        raise DiffusionError("model.channel_mult needs at least one level")
+    if f["num_res_blocks"] < 1:
+        raise DiffusionError("model.num_res_blocks must be at least 1")
+    bad = [a for a in f["attention_levels"] if not 0 <= a < len(f["channel_mult"])]
+    if bad:
+        raise DiffusionError(f"model.attention_levels {bad} are not levels of channel_mult "
+                             f"(0..{len(f['channel_mult']) - 1})")
+    if f["base_channels"] % f["norm_groups"]:
+        raise DiffusionError(f"model.base_channels={f['base_channels']} must be a multiple of "
+                             f"model.norm_groups={f['norm_groups']}")
+    for mult in f["channel_mult"]:
+        width = f["base_channels"] * mult
+        heads = width // f["head_dim"] if f["head_dim"] > 0 else f["num_heads"]
+        if heads < 1 or width % heads:
+            raise DiffusionError(f"{width} channels do not split into attention heads; change "
+                                 "model.num_heads or model.head_dim")
+    if f["remat_policy"] not in REMAT_POLICIES:
+        raise DiffusionError(f"model.remat_policy {f['remat_policy']!r} is not one of "
+                             f"{', '.join(REMAT_POLICIES)}")
+    return f
+
+
+def make_unet(model_cfg) -> UNet:
+    """Builds the U-Net from the `model` config section.
+
+    Args:
+      model_cfg: a ConfigDict or mapping with fields of `DEFAULTS` (missing ones take defaults).
+
+    Returns:
+      An unbound `UNet` (float32 parameters, compute dtype from `model.dtype`).
+
+    Raises:
+      DiffusionError: for an unknown key or a value that does not fit (the message says which).
+    """
+    return UNet(**_model_fields(model_cfg))
+
+
+def example_inputs(model: UNet, batch: int = 1, frames: int | None = None,
+                   context_length: int = 1) -> dict[str, jax.Array]:
+    """Zero inputs of the right shapes, e.g. for `model.init(rng, **example_inputs(model))`.
+
+    Args:
+      model: the U-Net.
+      batch: batch size B.
+      frames: latent frames T (default: the smallest length that needs no padding).
+      context_length: text tokens L.
+
+    Returns:
+      dict with x [B, T, latent_channels], t [B], and context [B, L, context_dim],
+      context_mask [B, L], pooled [B, pooled_dim] where the model takes them.
+    """
+    inputs = dict(x=jnp.zeros((batch, frames or model.frame_multiple, model.latent_channels)),
+                  t=jnp.zeros((batch,), jnp.int32))
+    if model.context_dim:
+        inputs["context"] = jnp.zeros((batch, context_length, model.context_dim))
+        inputs["context_mask"] = jnp.ones((batch, context_length), bool)
+    if model.pooled_dim:
+        inputs["pooled"] = jnp.zeros((batch, model.pooled_dim))
+    return inputs
+
+
+def param_count(cfg) -> int:
+    """Parameters of the U-Net a config describes, counted without allocating them.
+
+    Args:
+      cfg: a full experiment config (its `model` section is used) or the `model` section itself.
+
+    Returns:
+      The number of scalar parameters.
+    """
+    model = make_unet(cfg.model if "model" in cfg else cfg)
+    shapes = jax.eval_shape(lambda rng: model.init(rng, **example_inputs(model)),
+                            jax.random.PRNGKey(0))
+    return int(sum(leaf.size for leaf in jax.tree_util.tree_leaves(shapes)))
