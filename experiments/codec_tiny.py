@@ -19,6 +19,7 @@ def get_config(arg=None):
         latent_dim=32, decoder_dim=64, decoder_rates=(5, 4, 2), n_codebooks=4,
         codebook_size=256, codebook_dim=8, quantizer="dac_rvq", quantizer_dropout=0.5,
         causal=False, dtype="float32"))
+    c.model.sample_rate = c.data.get_ref("sample_rate")
     c.discriminator = ml_collections.ConfigDict(dict(
         periods=(2, 3, 5), fft_sizes=(512, 256), rates=(), channels=4, max_channels=32))
     c.train = ml_collections.ConfigDict(dict(

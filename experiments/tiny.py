@@ -7,7 +7,7 @@ truth for a model's shape) and reads the dataset that the top-level `data` secti
 
 import ml_collections
 
-from experiments import codec_tiny, common
+from experiments import clap_tiny, codec_tiny, common
 
 # What the dataset is built with; stages may only change how they read it (crops, workers).
 BUILD_KEYS = ("name", "data_dir", "sample_rate", "channels", "clip_seconds", "num_train",
@@ -28,6 +28,9 @@ def get_config(arg=None):
     c.codec.train.disc_start = 300
     c.codec.checkpoint.every_steps = 200
     c.codec.eval.num_examples = 32
+    c.clap = clap_tiny.get_config()
+    for key in c.tokenizer:
+        c.clap.tokenizer[key] = c.tokenizer.get_ref(key)
     share_data(c)
     return c
 

@@ -227,6 +227,30 @@ def _codec_eval_run(cfg, workdir):
     return result
 
 
+def _clap_run(cfg, workdir):
+    from ldm_jax.clap import train as clap_train
+    result = clap_train.train(cfg.clap, os.path.join(workdir, "clap"), data_dir(cfg, workdir),
+                              tokenizer_path(cfg, workdir),
+                              logdir=os.path.join(workdir, "logs", "clap"))
+    if result.preempted:
+        raise KeyboardInterrupt
+    return {"steps": result.step}
+
+
+def _clap_eval_done(cfg, workdir):
+    return os.path.isfile(os.path.join(workdir, "clap", "eval.json"))
+
+
+def _clap_eval_run(cfg, workdir):
+    from ldm_jax.clap import evaluate as clap_eval
+    result = clap_eval.evaluate(None, os.path.join(workdir, "clap"), data_dir(cfg, workdir))
+    with open(os.path.join(workdir, "clap", "eval.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    keys = ("text_to_audio/recall_at_10", "zero_shot/instrument", "chance/recall_at_10",
+            "chance/zero_shot/instrument")
+    return {k: result[k] for k in keys if k in result}
+
+
 def _report_run(cfg, workdir):
     from ldm_jax.eval import report
     path = report.write_report(workdir)
@@ -243,5 +267,8 @@ def default_stages() -> list[Stage]:
         Stage("codec", ("data",), ("data", "codec"), steps("codec"), _codec_run,
               ("codec", "logs/codec")),
         Stage("codec_eval", ("codec",), ("codec.eval",), _codec_eval_done, _codec_eval_run),
-        Stage("report", ("codec_eval",), (), lambda cfg, w: False, _report_run),
+        Stage("clap", ("data", "tokenizer"), ("data", "tokenizer", "clap"), steps("clap"),
+              _clap_run, ("clap", "logs/clap")),
+        Stage("clap_eval", ("clap",), ("clap.eval",), _clap_eval_done, _clap_eval_run),
+        Stage("report", ("codec_eval", "clap_eval"), (), lambda cfg, w: False, _report_run),
     ]

@@ -198,6 +198,58 @@ def cmd_codec_import_dac(args, cfg):
           f"hop {config.hop_length}")
 
 
+# ---------------------------------------------------------------------------------------- clap
+
+def _tokenizer_path(args, cfg, workdir: str) -> str:
+    path = getattr(args, "tokenizer", None) or cfg.tokenizer.path or \
+        os.path.join(workdir, "tokenizer", "spm.model")
+    if not os.path.isfile(path):
+        raise config_lib.ConfigError(f"no tokenizer at {path}: run `ldm-jax tokenizer train "
+                                     f"--workdir {workdir}` first or pass --tokenizer")
+    return path
+
+
+def cmd_train_clap(args, cfg):
+    from ldm_jax.clap import train as clap_train
+    workdir = _require_workdir(args)
+    stage = stage_config(cfg, "clap")
+    result = clap_train.train(stage, os.path.join(workdir, "clap"), _data_dir(args, stage),
+                              _tokenizer_path(args, stage, workdir),
+                              logdir=os.path.join(workdir, "logs", "clap"))
+    state = "stopped by a signal at" if result.preempted else "finished at"
+    print(f"clap: {state} step {result.step}; checkpoints in {workdir}/clap/checkpoints")
+
+
+def _clap_dir(args) -> str:
+    workdir = _require_workdir(args)
+    return os.path.join(workdir, "clap") if os.path.isdir(os.path.join(workdir, "clap")) \
+        else workdir
+
+
+def cmd_clap_eval(args, cfg):
+    import json
+
+    from ldm_jax.clap import evaluate as clap_eval
+    stage = stage_config(cfg, "clap")
+    result = clap_eval.evaluate(None, _clap_dir(args), _data_dir(args, stage), split=args.split)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            f.write(text + "\n")
+
+
+def cmd_clap_retrieve(args, cfg):
+    from ldm_jax.clap import evaluate as clap_eval
+    stage = stage_config(cfg, "clap")
+    ranked = clap_eval.retrieve(_clap_dir(args), _data_dir(args, stage), args.query,
+                                top=args.top, split=args.split)
+    print(f"query: {args.query!r}")
+    for rank, (ident, caption, score) in enumerate(ranked, 1):
+        print(f"{rank:2d}. {score:+.3f}  [{ident}] {caption}")
+
+
 # ----------------------------------------------------------------------------------- the chain
 
 def cmd_run(args, cfg):
@@ -285,6 +337,29 @@ def build_parser() -> argparse.ArgumentParser:
                              epilog=EPILOG)
     _add_config(p, data_dir=True, default="codec_tiny")
     p.set_defaults(func=cmd_train_codec)
+
+    p = train_sub.add_parser("clap", help="train the contrastive text-audio encoder",
+                             epilog=EPILOG)
+    p.add_argument("--tokenizer", default=None,
+                   help="SentencePiece model (default: W/tokenizer/spm.model)")
+    _add_config(p, data_dir=True, default="clap_tiny")
+    p.set_defaults(func=cmd_train_clap)
+
+    clap = sub.add_parser("clap", help="use a trained CLAP: evaluate, retrieve", epilog=EPILOG)
+    clap_sub = clap.add_subparsers(dest="clap_command", metavar="ACTION", required=True)
+    p = clap_sub.add_parser("eval", help="retrieval recall and zero-shot accuracy",
+                            epilog=EPILOG)
+    p.add_argument("--json", default=None, help="write the metrics here")
+    p.add_argument("--split", default="test", choices=("train", "test"))
+    _add_config(p, data_dir=True, default="clap_tiny")
+    p.set_defaults(func=cmd_clap_eval)
+    p = clap_sub.add_parser("retrieve", help="rank clips by similarity to a text query",
+                            epilog=EPILOG)
+    p.add_argument("--query", required=True)
+    p.add_argument("--top", type=int, default=5)
+    p.add_argument("--split", default="test", choices=("train", "test"))
+    _add_config(p, data_dir=True, default="clap_tiny")
+    p.set_defaults(func=cmd_clap_retrieve)
 
     codec = sub.add_parser("codec", help="use a codec: encode, decode, evaluate, import",
                            epilog=EPILOG)
