@@ -33,6 +33,8 @@ class Stage:
       done: `(cfg, W) -> bool`: is its output complete?
       run: `(cfg, W) -> dict`: runs it and returns a summary for the report.
       outputs: paths under W that belong to it (removed when a stale stage re-runs).
+      all_hosts: runs on every JAX process (training); other stages run on process 0 while
+        the others wait at a barrier.
     """
 
     name: str
@@ -41,6 +43,19 @@ class Stage:
     done: Callable
     run: Callable
     outputs: tuple[str, ...] = ()
+    all_hosts: bool = False
+
+
+def _is_leader() -> bool:
+    import jax
+    return jax.process_index() == 0
+
+
+def _barrier(name: str):
+    import jax
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(f"ldm_jax chain: {name}")
 
 
 def _section(cfg, path: str):
@@ -107,6 +122,7 @@ def run_chain(stages: list[Stage], cfg, workdir: str, *, only: list[str] | None 
         raise config_lib.ConfigError(f"unknown stage(s) {', '.join(unknown)}; the chain is "
                                      f"{' -> '.join(names)}")
     os.makedirs(os.path.join(workdir, "stages"), exist_ok=True)
+    print_fn = print_fn if _is_leader() else (lambda *a, **k: None)
     stale = stale_stages(stages, cfg, workdir)
     if stale:
         affected = []
@@ -118,14 +134,16 @@ def run_chain(stages: list[Stage], cfg, workdir: str, *, only: list[str] | None 
                              + "; ".join(stale[first][:3]) + f"); stale: {', '.join(affected)}. "
                              "Re-run them with --rerun-stale or use another --workdir")
         by_name = {s.name: s for s in stages}
-        for name in affected:
+        for name in (affected if _is_leader() else []):
             for out in by_name[name].outputs:
                 shutil.rmtree(os.path.join(workdir, out), ignore_errors=True)
             if os.path.exists(_record_path(workdir, name)):
                 os.remove(_record_path(workdir, name))
         print_fn(f"re-running stale stages: {', '.join(affected)}")
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config_lib.to_json(cfg))
+    if _is_leader():
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config_lib.to_json(cfg))
+    _barrier("start")
     summaries = {}
     for stage in stages:
         if only and stage.name not in only:
@@ -138,14 +156,18 @@ def run_chain(stages: list[Stage], cfg, workdir: str, *, only: list[str] | None 
             continue
         print_fn(f"[{stage.name}] running")
         start = time.time()
-        summary = stage.run(cfg, workdir) or {}
+        summary = {}
+        if stage.all_hosts or _is_leader():
+            summary = stage.run(cfg, workdir) or {}
         summary = dict(summary, seconds=round(time.time() - start, 1))
         summaries[stage.name] = summary
-        tmp = record + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"config": fingerprint(cfg, stage), "summary": summary}, f, indent=2,
-                      default=str)
-        os.replace(tmp, record)
+        if _is_leader():
+            tmp = record + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump({"config": fingerprint(cfg, stage), "summary": summary}, f, indent=2,
+                          default=str)
+            os.replace(tmp, record)
+        _barrier(stage.name)
         print_fn(f"[{stage.name}] done in {summary['seconds']:.0f} s")
     return summaries
 
@@ -265,10 +287,10 @@ def default_stages() -> list[Stage]:
         Stage("tokenizer", ("data",), ("data", "tokenizer"), _tokenizer_done, _tokenizer_run,
               ("tokenizer",)),
         Stage("codec", ("data",), ("data", "codec"), steps("codec"), _codec_run,
-              ("codec", "logs/codec")),
+              ("codec", "logs/codec"), all_hosts=True),
         Stage("codec_eval", ("codec",), ("codec.eval",), _codec_eval_done, _codec_eval_run),
         Stage("clap", ("data", "tokenizer"), ("data", "tokenizer", "clap"), steps("clap"),
-              _clap_run, ("clap", "logs/clap")),
+              _clap_run, ("clap", "logs/clap"), all_hosts=True),
         Stage("clap_eval", ("clap",), ("clap.eval",), _clap_eval_done, _clap_eval_run),
         Stage("report", ("codec_eval", "clap_eval"), (), lambda cfg, w: False, _report_run),
     ]

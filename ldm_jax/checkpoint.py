@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 import grain
 import jax
@@ -45,7 +46,10 @@ class Checkpointer:
     """Saves and restores `{state, data}` composites in one directory."""
 
     def __init__(self, directory: str, *, keep: int = 2, model_config: dict | None = None):
-        self.directory = epath.Path(directory)
+        # orbax refuses relative paths (tensorstore needs absolute ones); URLs such as gs:// pass.
+        directory = str(directory)
+        self.directory = epath.Path(directory if "://" in directory
+                                    else os.path.abspath(directory))
         self.model_config = json.loads(json.dumps(model_config, default=list)) \
             if model_config is not None else None
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,

@@ -28,6 +28,16 @@ def _add_config(p: argparse.ArgumentParser, workdir: bool = True, data_dir: bool
                        help="TFDS data directory (default: the config's data.data_dir or W/data)")
 
 
+def _add_distributed(p: argparse.ArgumentParser):
+    g = p.add_argument_group("multi-host (TPU pods and SLURM are detected automatically)")
+    g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="coordinator address of process 0 (env LDM_JAX_COORDINATOR)")
+    g.add_argument("--num-processes", type=int, default=None,
+                   help="number of processes (env LDM_JAX_NUM_PROCESSES)")
+    g.add_argument("--process-id", type=int, default=None,
+                   help="this process's index (env LDM_JAX_PROCESS_ID)")
+
+
 def _data_dir(args, cfg) -> str:
     path = getattr(args, "data_dir", None) or cfg.data.data_dir or (
         os.path.join(args.workdir, "data") if getattr(args, "workdir", None) else "")
@@ -323,12 +333,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rerun-stale", action="store_true",
                    help="re-run stages whose config changed since they ran, and their followers")
     _add_config(p)
+    _add_distributed(p)
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("demo", help="run the embedded tiny experiment into ./runs/demo",
                        epilog=EPILOG)
     p.add_argument("--rerun-stale", action="store_true",
                    help="re-run stages whose config changed since they ran")
     _add_config(p)
+    _add_distributed(p)
     p.set_defaults(func=cmd_demo)
 
     train = sub.add_parser("train", help="train one stage of the pipeline", epilog=EPILOG)
@@ -336,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = train_sub.add_parser("codec", help="train the neural codec (RVQ-GAN or KL autoencoder)",
                              epilog=EPILOG)
     _add_config(p, data_dir=True, default="codec_tiny")
+    _add_distributed(p)
     p.set_defaults(func=cmd_train_codec)
 
     p = train_sub.add_parser("clap", help="train the contrastive text-audio encoder",
@@ -343,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None,
                    help="SentencePiece model (default: W/tokenizer/spm.model)")
     _add_config(p, data_dir=True, default="clap_tiny")
+    _add_distributed(p)
     p.set_defaults(func=cmd_train_clap)
 
     clap = sub.add_parser("clap", help="use a trained CLAP: evaluate, retrieve", epilog=EPILOG)
@@ -409,6 +423,10 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(message)s")
     try:
+        if hasattr(args, "coordinator"):
+            from ldm_jax import parallel
+            parallel.initialize_distributed(args.coordinator, args.num_processes,
+                                            args.process_id)
         spec = getattr(args, "experiment", None) or getattr(args, "config", None)
         cfg = config_lib.get_config(spec, overrides)
         args.func(args, cfg)

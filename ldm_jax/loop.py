@@ -279,8 +279,9 @@ def train(task: Task, data_iterator: Iterator[dict], *, workdir: str, num_steps:
                 if ckpt_now:
                     save(step)
                 if (log_now or jax.process_count() == 1) and stop.any_host():
-                    logging.warning("%s: %s received, saving step %d", task.name, stop.raised,
-                                    step)
+                    # On a host that got no signal itself, a peer's signal stopped the run.
+                    logging.warning("%s: %s received, saving step %d", task.name,
+                                    stop.raised or "another host's stop signal", step)
                     preempted = True
                     break
             if pending is not None:

@@ -164,8 +164,11 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
                            process_id: int | None = None) -> bool:
     """Starts multi-host JAX when there is more than one host; returns whether it did.
 
-    TPU pods and SLURM jobs are detected by JAX itself; elsewhere pass an explicit coordinator
-    (`host:port`) or set LDM_JAX_COORDINATOR / LDM_JAX_NUM_PROCESSES / LDM_JAX_PROCESS_ID.
+    SLURM jobs with several tasks and TPU pods that export their worker list are detected here
+    and JAX fills in the addresses; LDM_JAX_DISTRIBUTED=auto asks for the same where nothing in
+    the environment says so (a TPU VM slice made by `gcloud compute tpus tpu-vm create`, found
+    through its metadata server). Elsewhere pass an explicit coordinator (`host:port`) or set
+    LDM_JAX_COORDINATOR / LDM_JAX_NUM_PROCESSES / LDM_JAX_PROCESS_ID.
     """
     coordinator = coordinator or os.environ.get("LDM_JAX_COORDINATOR")
     if num_processes is None and os.environ.get("LDM_JAX_NUM_PROCESSES"):
@@ -179,7 +182,8 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
                                    process_id=process_id)
         return True
     auto = ("SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1) or \
-        "TPU_WORKER_HOSTNAMES" in os.environ or "MEGASCALE_COORDINATOR_ADDRESS" in os.environ
+        "TPU_WORKER_HOSTNAMES" in os.environ or "MEGASCALE_COORDINATOR_ADDRESS" in os.environ or \
+        os.environ.get("LDM_JAX_DISTRIBUTED") == "auto"
     if auto:
         jax.distributed.initialize()
         logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
