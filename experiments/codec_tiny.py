@@ -23,13 +23,13 @@ def get_config(arg=None):
     c.discriminator = ml_collections.ConfigDict(dict(
         periods=(2, 3, 5), fft_sizes=(512, 256), rates=(), channels=4, max_channels=32))
     c.train = ml_collections.ConfigDict(dict(
-        steps=1500, batch_size=8, lr=1e-3, disc_lr=3e-4, b1=0.8, b2=0.99, lr_decay=0.9995,
+        steps=1000, batch_size=8, lr=1e-3, disc_lr=3e-4, b1=0.8, b2=0.99, lr_decay=0.9995,
         weight_decay=0.0, eps=1e-8, grad_clip=1e3, disc_grad_clip=10.0, adversarial="lsgan",
-        disc_start=500, ema_decay=0.0))
+        disc_start=600, ema_decay=0.0))
     c.loss_weights = ml_collections.ConfigDict({
         "mel/loss": 15.0, "adv/feat_loss": 2.0, "adv/gen_loss": 1.0,
         "vq/commitment_loss": 0.25, "vq/codebook_loss": 1.0, "kl/loss": 1e-4,
-        "waveform/l1": 1.0})
+        "waveform/l1": 1.0, "waveform/si_sdr_loss": 2.0})
     c.mesh = common.mesh()
     c.checkpoint = common.checkpoint(every_steps=250)
     c.log = common.log(every_steps=25, audio_every_steps=250)

@@ -118,6 +118,9 @@ def train_step(state, batch, rng, *, cfg):
         named = dict(bottleneck)
         named["mel/loss"] = losses.mel_loss(y, x, cfg.model.sample_rate)
         named["waveform/l1"] = losses.waveform_l1(y, x)
+        if weights.get("waveform/si_sdr_loss"):
+            # Negative SI-SDR: a phase-aware term that short CPU runs need to learn waveforms.
+            named["waveform/si_sdr_loss"] = losses.si_sdr_loss(y, x, clip_min=-30.0)
         d_fake = disc.apply({"params": disc_params}, y)
         named["adv/gen_loss"] = adversarial * losses.generator_adversarial_loss(d_fake, kind)
         named["adv/feat_loss"] = adversarial * losses.feature_matching_loss(d_fake, d_real)
