@@ -25,7 +25,23 @@ def get_config(arg=None):
         attention_levels=(1, 2, 3), num_heads=8, head_dim=64, transformer_depth=1, mlp_ratio=4,
         norm_groups=32, context_dim=768, pooled_dim=512, dropout=0.0, remat=True,
         remat_policy="dots_with_no_batch_dims_saveable", dtype="bfloat16"))
-    c.train = ml_collections.ConfigDict(dict(steps=200_000, batch_size=256, lr=1e-4))
+    c.diffusion = ml_collections.ConfigDict(dict(
+        schedule="scaled_linear", num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+        objective="v", min_snr_gamma=5.0, cond_drop=0.1, normalize="global"))
+    c.train = ml_collections.ConfigDict(dict(
+        steps=200_000, batch_size=256, lr=1e-4, warmup=5000, lr_schedule="constant",
+        weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-8, grad_clip=1.0, ema_decay=0.9999,
+        condition_on_audio=False))
+    c.generation = ml_collections.ConfigDict(dict(
+        prompts=("An upbeat electronic track with a driving bassline.",
+                 "A calm solo piano piece in A minor.",
+                 "A string quartet playing a slow, melancholic melody.",
+                 "Energetic rock drums with distorted electric guitars."),
+        seconds=10.0, steps=100, sampler="dpmpp_2m", cfg_scale=3.5, seed=0, negative_prompt="",
+        media_steps=50, batch_size=16))
+    c.eval = ml_collections.ConfigDict(dict(
+        num_prompts=512, seconds=10.0, steps=100, sampler="dpmpp_2m", cfg_scale=3.5, seed=0,
+        batch_size=16))
     c.mesh = common.mesh(data=-1, fsdp=1, tensor=1)
     c.checkpoint = common.checkpoint(every_steps=5000, keep=3)
     c.log = common.log(every_steps=100, audio_every_steps=5000)

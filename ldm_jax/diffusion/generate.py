@@ -1,0 +1,389 @@
+"""Text-to-audio generation: prompt -> CLAP conditions -> guided sampler -> latents -> audio.
+
+The last step of latent diffusion (Rombach et al. 2022), as in AudioLDM (Liu et al. 2023):
+the prompt's frozen CLAP conditions drive a sampler (`diffusion.samplers`: DDIM, DPM-Solver++ 2M,
+Euler, DDPM) over the trained U-Net with classifier-free guidance (Ho & Salimans 2022) computed
+on one doubled batch; a negative prompt takes the place of the null condition in the
+unconditional half. Audio-to-audio variation noises the codec latents of a given clip to a
+strength and samples from there (SDEdit, Meng et al. 2022); inpainting regenerates a time range
+while the latents outside it are kept, re-noised to every step's level (the samplers' inpaint
+hook). The sampled latents are unscaled with the training statistics and decoded by the codec.
+
+A `Generator` loads the codec (W/codec), CLAP (W/clap) and the LDM's EMA parameters (W/ldm)
+once and keeps one compiled sampler per setting. Each prompt's starting noise is a function of
+its own seed only, so a sample does not depend on the other prompts of the call.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from ldm_jax.diffusion import samplers
+from ldm_jax.diffusion import train as ldm_train
+from ldm_jax.diffusion.schedules import DiffusionError
+from ldm_jax.diffusion.unet import make_unet
+
+SAMPLES_DIR = "samples"
+SAMPLES_INDEX = "samples.json"
+
+
+def ldm_dir(workdir: str) -> str:
+    """W/ldm, or WORKDIR itself when it is an LDM stage directory."""
+    for candidate in (os.path.join(workdir, "ldm"), workdir):
+        if os.path.isfile(os.path.join(candidate, ldm_train.CONFIG_FILE)) and \
+                os.path.isdir(os.path.join(candidate, "checkpoints")):
+            return candidate
+    raise DiffusionError(f"no trained latent diffusion model in {workdir}; run `ldm-jax train "
+                         "ldm --workdir W` first")
+
+
+def load_params(directory: str, use_ema: bool = True):
+    """The latest checkpoint's EMA parameters (or raw parameters) of an LDM stage directory."""
+    from ldm_jax.checkpoint import Checkpointer, CheckpointError
+
+    ck = Checkpointer(os.path.join(directory, "checkpoints"))
+    try:
+        step = ck.latest_step()
+        if step is None:
+            raise CheckpointError(f"no checkpoint in {directory}/checkpoints; train the LDM "
+                                  "first")
+        raw = ck.restore_raw(step)
+    finally:
+        ck.close()
+    params = raw.get("ema_params") if use_ema and raw.get("ema_params") else raw["params"]
+    return jax.tree_util.tree_map(jnp.asarray, params), step
+
+
+def _clips(audio) -> list[np.ndarray]:
+    """[T] (one clip), [B, T], [B, T, C] or a list of [T] / [T, C] -> list of clips."""
+    if isinstance(audio, np.ndarray | jax.Array):
+        audio = np.asarray(audio, np.float32)
+        if audio.ndim == 1:
+            return [audio]
+        return list(audio)
+    return [np.asarray(a, np.float32) for a in audio]
+
+
+class Generator:
+    """Loads the trained chain once and generates audio from prompts.
+
+    Attributes:
+      cfg: the LDM experiment config.
+      params: the U-Net parameters used (EMA by default).
+      codec: the `LoadedCodec`.
+      clap: the `ClapModel`.
+      stats: the `LatentStats` the LDM was trained with.
+      batch_size: prompts sampled together.
+    """
+
+    def __init__(self, workdir: str, *, batch_size: int = 8, use_ema: bool = True):
+        from ldm_jax.clap.model import ClapModel
+        from ldm_jax.codec.inference import load_trained
+        from ldm_jax.data.latents import LatentStats
+
+        directory = ldm_dir(workdir)
+        with open(os.path.join(directory, ldm_train.CONFIG_FILE)) as f:
+            cfg = ml_collections.ConfigDict(json.load(f))
+        with open(os.path.join(directory, ldm_train.STATS_FILE)) as f:
+            stats_dict = json.load(f)
+        params, self.step = load_params(directory, use_ema)
+        root = os.path.dirname(directory) if os.path.basename(directory) == "ldm" else workdir
+        self._setup(cfg, params, codec=load_trained(root),
+                    clap=ClapModel.load(os.path.join(root, "clap")),
+                    stats=LatentStats.from_dict(stats_dict),
+                    latent=stats_dict.get("latent", "z"), batch_size=batch_size)
+
+    @classmethod
+    def from_parts(cls, cfg, params, *, codec, clap, stats, latent: str | None = None,
+                   batch_size: int = 8) -> Generator:
+        """A Generator from objects in memory (a training run's state, tests).
+
+        Args:
+          cfg: the LDM experiment config.
+          params: U-Net parameters (may be set later through `.params`).
+          codec: a `LoadedCodec`; clap: a `ClapModel`; stats: a `LatentStats`.
+          latent: which codec output the latents are ("z", or "mean" for a KL codec); None
+            infers it from the codec.
+          batch_size: prompts sampled together.
+        """
+        self = cls.__new__(cls)
+        self.step = None
+        if latent is None:
+            latent = "mean" if codec.config.quantizer == "kl" else "z"
+        self._setup(cfg, params, codec=codec, clap=clap, stats=stats, latent=latent,
+                    batch_size=batch_size)
+        return self
+
+    def _setup(self, cfg, params, *, codec, clap, stats, latent, batch_size):
+        ldm_train.check_clap(cfg, clap)
+        self.cfg, self.params, self.codec, self.clap, self.stats = cfg, params, codec, clap, stats
+        self.latent, self.batch_size = latent, int(batch_size)
+        d = ldm_train.diffusion_config(cfg)
+        self.objective, self.normalize = d["objective"], d["normalize"]
+        self.mode = ldm_train.conditioning_mode(cfg)
+        self.unet = make_unet(cfg.model)
+        self.schedule = ldm_train.schedule_from_config(cfg)
+        self._fns = {}
+
+    @property
+    def sample_rate(self) -> int:
+        return self.codec.sample_rate
+
+    def frames_for(self, seconds: float) -> int:
+        """Latent frames sampled for `seconds` of audio: one more than whole frames cover, since
+        decoders with odd strides return a little less than frames x hop samples."""
+        return int(np.floor(float(seconds) * self.stats.frame_rate + 1e-6)) + 1
+
+    def condition(self, prompts: Sequence[str]) -> dict:
+        """CLAP conditions of the prompts (as in training; see `train.text_condition`)."""
+        return ldm_train.text_condition(self.clap, list(prompts), self.mode)
+
+    def encode_audio(self, audio, frames: int) -> tuple[np.ndarray, np.ndarray]:
+        """Clips at the codec's rate -> (normalised latents [B, frames, D], bool [B, frames]
+        True where the clip has audio); shorter clips are zero-padded, longer ones cut."""
+        from ldm_jax.data.latents import encode_clips
+
+        zs = encode_clips(self.codec, _clips(audio), self.latent, self.batch_size)
+        x = np.zeros((len(zs), frames, self.stats.latent_dim), np.float32)
+        have = np.zeros((len(zs), frames), bool)
+        for i, z in enumerate(zs):
+            n = min(frames, z.shape[0])
+            x[i, :n] = self.stats.normalize(z[:n], self.normalize)
+            have[i, :n] = True
+        return x, have
+
+    def decode_latents(self, z) -> np.ndarray:
+        """Codec latents [T, D] or [B, T, D] (not normalised) -> audio [T'] or [B, T'] (mono) or
+        with a channel axis for a multichannel codec."""
+        z = np.asarray(z, np.float32)
+        audio = self.codec.decode(z[None] if z.ndim == 2 else z)
+        if audio.shape[-1] == 1:
+            audio = audio[..., 0]
+        return audio[0] if z.ndim == 2 else audio
+
+    def _sampler(self, sampler: str, steps: int, guided: bool, strength: float | None,
+                 inpaint: bool):
+        key = (sampler, steps, guided, strength, inpaint)
+        if key not in self._fns:
+            unet, schedule, objective = self.unet, self.schedule, self.objective
+
+            def run(params, noise, cond, uncond, scale, x_init, known, mask, rng):
+                def model_fn(x, t, c):
+                    return unet.apply({"params": params}, x, t, c["context"], c["context_mask"],
+                                      c["pooled"])[0]
+
+                if guided:
+                    fn = samplers.cfg_batched_model_fn(model_fn, cond, uncond, scale)
+                else:
+                    fn = lambda x, t: model_fn(x, t, cond)
+                return samplers.sample(sampler, fn, noise, schedule, steps, objective, rng=rng,
+                                       inpaint=(known, mask) if inpaint else None,
+                                       x_init=x_init if strength is not None else None,
+                                       strength=strength)
+
+            self._fns[key] = jax.jit(run)
+        return self._fns[key]
+
+    def generate(self, prompts: str | Sequence[str], *, seconds: float | None = None,
+                 steps: int = 50, sampler: str = "dpmpp_2m", cfg_scale: float = 3.0,
+                 negative_prompt: str | None = None, seed: int | Sequence[int] = 0,
+                 init_audio=None, strength: float = 0.6, inpaint_audio=None,
+                 inpaint_start: float | None = None, inpaint_end: float | None = None,
+                 return_latents: bool = False, progress: bool = False):
+        """Generates one clip per prompt.
+
+        Args:
+          prompts: a prompt or a list of B prompts.
+          seconds: clip length; None takes the length of `init_audio` or `inpaint_audio`.
+          steps: sampler steps.
+          sampler: "dpmpp_2m", "ddim", "euler" or "ddpm".
+          cfg_scale: classifier-free guidance scale (1: the conditional model alone).
+          negative_prompt: replaces the null condition in the unconditional branch.
+          seed: an int (prompt i uses seed + i) or one seed per prompt; a prompt's starting noise
+            depends on its seed alone (DDPM's step noise also on the batch it is sampled in).
+          init_audio: audio-to-audio: clips at the codec's sample rate ([T] for all prompts,
+            [B, T], [B, T, C] or a list); its latents are noised to `strength` and denoised.
+          strength: share of the sampler's steps run from the noised `init_audio` (1 = from
+            pure noise).
+          inpaint_audio: clips (as `init_audio`) whose latents are kept outside
+            [inpaint_start, inpaint_end] seconds (default: the whole clip); the range between is
+            generated.
+          inpaint_start, inpaint_end: the regenerated range in seconds.
+          return_latents: also return the sampled latents (normalised) [B, frames, D].
+          progress: show a progress bar over batches.
+
+        Returns:
+          float32 audio [B, samples] (with a trailing channel axis for a multichannel codec),
+          samples = round(seconds * sample_rate); with return_latents, (audio, latents).
+        """
+        from tqdm.auto import tqdm
+
+        single = isinstance(prompts, str)
+        prompts = [prompts] if single else list(prompts)
+        if not prompts:
+            raise DiffusionError("no prompts to generate from")
+        n = len(prompts)
+        seeds = [int(seed) + i for i in range(n)] if isinstance(seed, int | np.integer) \
+            else [int(s) for s in seed]
+        if len(seeds) != n:
+            raise DiffusionError(f"{len(seeds)} seeds for {n} prompts; give one per prompt")
+        if seconds is None:
+            reference = init_audio if init_audio is not None else inpaint_audio
+            if reference is None:
+                raise DiffusionError("give seconds (or init_audio / inpaint_audio to take the "
+                                     "length from)")
+            seconds = max(len(c) for c in _clips(reference)) / self.sample_rate
+        frames = self.frames_for(seconds)
+        dim = self.stats.latent_dim
+
+        def per_prompt(x):
+            return np.broadcast_to(x, (n,) + x.shape[1:]) if x.shape[0] == 1 else x
+
+        x_init = None
+        if init_audio is not None:
+            if not 0.0 < float(strength) <= 1.0:
+                raise DiffusionError(f"strength must be in (0, 1], got {strength}")
+            x_init = per_prompt(self.encode_audio(init_audio, frames)[0])
+        known = mask = None
+        if inpaint_audio is not None:
+            known, have = self.encode_audio(inpaint_audio, frames)
+            start = 0.0 if inpaint_start is None else float(inpaint_start)
+            end = float(seconds) if inpaint_end is None else float(inpaint_end)
+            if not 0.0 <= start < end:
+                raise DiffusionError(f"inpaint range [{start}, {end}] s is empty or negative")
+            keep = have.copy()
+            keep[:, int(np.floor(start * self.stats.frame_rate)):
+                 int(np.ceil(end * self.stats.frame_rate))] = False
+            known, mask = per_prompt(known), per_prompt(keep[..., None].astype(np.float32))
+        for name, value in (("init_audio", x_init), ("inpaint_audio", known)):
+            if value is not None and value.shape[0] != n:
+                raise DiffusionError(f"{name} has {value.shape[0]} clips for {n} prompts; give "
+                                     "one clip, or one per prompt")
+
+        cond_all = self.condition(prompts)
+        guided = not (isinstance(cfg_scale, int | float) and float(cfg_scale) == 1.0)
+        negative = self.condition([negative_prompt]) if negative_prompt else None
+        fn = self._sampler(sampler, int(steps), guided,
+                           float(strength) if x_init is not None else None, known is not None)
+        out = []
+        chunks = range(0, n, self.batch_size)
+        for begin in tqdm(chunks, desc="generate", disable=not progress or len(chunks) < 2,
+                          leave=False):
+            rows = min(self.batch_size, n - begin)
+            size = ldm_train.bucket_rows(rows, self.batch_size)
+            take = functools.partial(_rows, begin=begin, rows=rows, size=size)
+            noise = np.stack([np.random.default_rng(s).standard_normal((frames, dim))
+                              for s in seeds[begin:begin + rows]]).astype(np.float32)
+            noise = take(noise)
+            cond = {k: take(v) for k, v in cond_all.items()}
+            if negative is not None:
+                uncond = {k: np.repeat(v, size, axis=0) for k, v in negative.items()}
+            else:
+                uncond = ldm_train.null_condition(cond)
+            latents = fn(self.params, noise, cond, uncond, jnp.float32(cfg_scale),
+                         take(x_init), take(known), take(mask),
+                         jax.random.key(seeds[begin]))
+            out.append(np.asarray(latents)[:rows])
+        latents = np.concatenate(out)
+        z = self.stats.denormalize(latents, self.normalize)
+        samples = int(round(float(seconds) * self.sample_rate))
+        audio = self.codec.decode(z)[:, :samples]
+        if audio.shape[1] < samples:
+            audio = np.pad(audio, [(0, 0), (0, samples - audio.shape[1]), (0, 0)])
+        if audio.shape[-1] == 1:
+            audio = audio[..., 0]
+        return (audio, latents) if return_latents else audio
+
+
+def _rows(x, *, begin: int, rows: int, size: int):
+    """Rows [begin, begin + rows) of x, zero-padded to `size` rows (None stays None)."""
+    if x is None:
+        return None
+    part = np.asarray(x[begin:begin + rows])
+    return np.concatenate([part, np.zeros((size - rows,) + part.shape[1:], part.dtype)])
+
+
+_GENERATORS: dict = {}
+
+
+def _checkpoint_step(workdir: str):
+    directory = os.path.join(ldm_dir(workdir), "checkpoints")
+    steps = [int(d) for d in os.listdir(directory) if d.isdigit()]
+    return max(steps) if steps else None
+
+
+def get_generator(workdir: str, batch_size: int = 8) -> Generator:
+    """A cached Generator for WORKDIR (reloaded when a newer LDM checkpoint appears)."""
+    key = (os.path.abspath(workdir), _checkpoint_step(workdir), int(batch_size))
+    if key not in _GENERATORS:
+        _GENERATORS.clear()
+        _GENERATORS[key] = Generator(workdir, batch_size=batch_size)
+    return _GENERATORS[key]
+
+
+def text_to_audio(prompts: str | Sequence[str], *, workdir: str, seconds: float | None,
+                  steps: int = 50, sampler: str = "dpmpp_2m", cfg_scale: float = 3.0,
+                  negative_prompt: str | None = None, seed: int | Sequence[int] = 0,
+                  init_audio=None, strength: float = 0.6, inpaint_audio=None,
+                  inpaint_start: float | None = None, inpaint_end: float | None = None
+                  ) -> np.ndarray:
+    """Generates audio for prompts with the chain trained in WORKDIR.
+
+    See `Generator.generate` for the arguments. The Generator is cached per workdir, so
+    repeated calls reuse the loaded models and compiled samplers.
+
+    Returns:
+      float32 [B, samples] at the codec's sample rate.
+    """
+    return get_generator(workdir).generate(
+        prompts, seconds=seconds, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
+        negative_prompt=negative_prompt, seed=seed, init_audio=init_audio, strength=strength,
+        inpaint_audio=inpaint_audio, inpaint_start=inpaint_start, inpaint_end=inpaint_end)
+
+
+def write_samples(workdir: str, prompts: Sequence[str], *, seconds: float, seed: int = 0,
+                  out_dir: str | None = None, generator: Generator | None = None,
+                  progress: bool = True, **kwargs) -> list[dict]:
+    """Generates one clip per prompt into W/samples/sample_NNN.wav with W/samples/samples.json.
+
+    Args:
+      workdir: W with the trained chain.
+      prompts: the prompts.
+      seconds: clip length.
+      seed: prompt i uses seed + i (recorded per file).
+      out_dir: where to write (default W/samples).
+      generator: a Generator to reuse (default: the cached one of W).
+      progress: show a progress bar.
+      **kwargs: further `Generator.generate` arguments (steps, sampler, cfg_scale, ...).
+
+    Returns:
+      The index written to samples.json: [{"file", "prompt", "seed"}].
+    """
+    from ldm_jax.audio.io import write_audio
+
+    gen = generator or get_generator(workdir)
+    out_dir = out_dir or os.path.join(workdir, SAMPLES_DIR)
+    os.makedirs(out_dir, exist_ok=True)
+    prompts = list(prompts)
+    seeds = [int(seed) + i for i in range(len(prompts))]
+    audio = gen.generate(prompts, seconds=seconds, seed=seeds, progress=progress, **kwargs)
+    index = [{"file": f"sample_{i:03d}.wav", "prompt": p, "seed": s}
+             for i, (p, s) in enumerate(zip(prompts, seeds))]
+    if jax.process_index() != 0:  # every host samples; one writes
+        return index
+    for item, clip in zip(index, audio):
+        write_audio(os.path.join(out_dir, item["file"]), np.clip(clip, -1.0, 1.0),
+                    gen.sample_rate)
+    path = os.path.join(out_dir, SAMPLES_INDEX)
+    with open(path + ".tmp", "w") as f:
+        json.dump(index, f, indent=1)
+    os.replace(path + ".tmp", path)
+    return index

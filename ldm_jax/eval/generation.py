@@ -1,0 +1,193 @@
+"""Evaluation of text-to-audio generation: Fréchet distance, CLAP score, prompt adherence.
+
+- Fréchet distance between Gaussians fitted to embeddings of real and generated clips (Heusel et
+  al. 2017's FID; FAD of Kilgour et al. 2019 with an audio embedding), here in the CLAP audio
+  space, with the matrix square root of SciPy.
+- CLAP score: the mean cosine similarity between each generated clip's CLAP audio embedding and
+  its prompt's text embedding (as reported by AudioLDM 2 and MusicLDM), with the same score on the
+  real clips of the prompts as a reference.
+- Prompt adherence by signal analysis that shares nothing with the models (`eval.music`): key,
+  mode, tempo and loudness class of each generated clip against the attributes of the test example
+  its prompt was taken from; the same analysis of the real test clips gives the analyser's own
+  accuracy (the ceiling a perfect generator would reach), and the attribute distribution gives the
+  chance level.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import scipy.linalg
+
+from ldm_jax.eval import music
+
+ATTRIBUTES = ("key", "mode", "tempo_bpm", "loudness", "loudness_db", "instrument", "pattern")
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray, eps: float = 1e-6) -> float:
+    """Fréchet distance between Gaussians fitted to two sets of embeddings.
+
+    `|mu_a - mu_b|^2 + tr(S_a) + tr(S_b) - 2 tr((S_a S_b)^(1/2))`, computed in float64.
+
+    Args:
+      a: [N, E] embeddings (N >= 2).
+      b: [M, E] embeddings (M >= 2).
+      eps: diagonal offset added to both covariances when their product is singular.
+
+    Returns:
+      The distance (>= 0 up to rounding).
+    """
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(len(a), len(b)) < 2:
+        raise ValueError(f"Fréchet distance needs two [N >= 2, E] sets of one width, got "
+                         f"{a.shape} and {b.shape}")
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = scipy.linalg.sqrtm(cov_a @ cov_b)
+    if not np.all(np.isfinite(covmean)):
+        offset = np.eye(a.shape[1]) * eps
+        covmean = scipy.linalg.sqrtm((cov_a + offset) @ (cov_b + offset))
+    diff = mu_a - mu_b
+    value = diff @ diff + np.trace(cov_a) + np.trace(cov_b) - 2.0 * np.trace(covmean.real)
+    return float(max(value, 0.0))
+
+
+def clap_score(audio_embeddings: np.ndarray, text_embeddings: np.ndarray) -> float:
+    """Mean cosine similarity of paired rows ([N, E] each)."""
+    a = np.asarray(audio_embeddings, np.float64)
+    t = np.asarray(text_embeddings, np.float64)
+    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+    t = t / np.maximum(np.linalg.norm(t, axis=1, keepdims=True), 1e-12)
+    return float(np.mean(np.sum(a * t, axis=1)))
+
+
+def _string(v):
+    return v.decode() if isinstance(v, bytes) else v
+
+
+def load_prompts(data_dir: str, *, num_prompts: int, split: str = "test",
+                 dataset: str | None = None, decode=None) -> dict:
+    """Prompts, ground-truth attributes and real clips of the first examples of a split.
+
+    Args:
+      data_dir: a latents directory (W/latents) or a TFDS data directory holding an audio dataset
+        (`synthetic_music`, `audio_folder`).
+      num_prompts: how many examples.
+      split: which split.
+      dataset: the dataset name; None finds `latents`, then any builder's dataset in DATA_DIR.
+      decode: `latents [T, D] -> audio [T']`, used for real clips when a latents dataset's
+        source audio is not available.
+
+    Returns:
+      {"prompts": [str], "references": [attribute dicts], "audio": [np.ndarray [T]],
+       "sample_rate": int}.
+    """
+    from ldm_jax.data import builders, latents
+
+    names = [dataset] if dataset else ["latents", *builders.BUILDERS]
+    for name in names:
+        try:
+            builders.dataset_info(data_dir, name)
+        except builders.DataError:
+            continue
+        break
+    else:
+        raise builders.DataError(f"no latents or audio dataset in {data_dir}; pass the latents "
+                                 "directory (W/latents) or the data directory (W/data)")
+    source = builders.open_split(data_dir, name, split)
+    n = min(int(num_prompts), len(source))
+    if n < 2:
+        raise builders.DataError(f"{name}/{split} in {data_dir} has {len(source)} examples; the "
+                                 "evaluation needs at least 2")
+    examples = [source[i] for i in range(n)]
+    rate = int(builders.dataset_info(data_dir, name)["params"].get("sample_rate", 0))
+    if name == "latents":
+        meta = latents.read_metadata(data_dir)
+        audio_dir, audio_name = meta.get("data_dir", ""), meta.get("source", "")
+        try:
+            audio_source = builders.open_split(audio_dir, audio_name, split)
+            rate = int(builders.dataset_info(audio_dir, audio_name)["params"]["sample_rate"])
+            clips = [audio_source[int(e["source_index"])]["audio"] for e in examples]
+        except (builders.DataError, OSError, KeyError):
+            if decode is None:
+                raise
+            clips, rate = [decode(e["latents"]) for e in examples], int(meta["sample_rate"])
+    else:
+        clips = [e["audio"] for e in examples]
+    references = [{k: _string(e[k]) for k in ATTRIBUTES if k in e} for e in examples]
+    return {"prompts": [_string(e["caption"]) for e in examples], "references": references,
+            "audio": [np.asarray(c, np.float32) for c in clips], "sample_rate": rate}
+
+
+def _analyse_all(clips, sample_rate, progress, desc):
+    from tqdm.auto import tqdm
+
+    return [music.analyse(c, sample_rate) for c in tqdm(clips, desc=desc, disable=not progress,
+                                                       leave=False)]
+
+
+def evaluate_generation(workdir: str, data_dir_or_latents: str, *, num_prompts: int = 32,
+                        seconds: float | None = None, steps: int = 50,
+                        sampler: str = "dpmpp_2m", cfg_scale: float = 3.0, seed: int = 0,
+                        batch_size: int = 8, split: str = "test", generator=None,
+                        out_path: str | None = None, progress: bool = True) -> dict:
+    """Generates audio for test prompts and scores it.
+
+    Args:
+      workdir: W with trained codec (W/codec), CLAP (W/clap) and LDM (W/ldm).
+      data_dir_or_latents: the latents directory (W/latents) or the audio data directory
+        (W/data); prompts and attributes come from its `split`.
+      num_prompts: prompts evaluated (the first examples of the split).
+      seconds: generated length; None uses the real clips' length.
+      steps, sampler, cfg_scale, seed: sampling settings (prompt i uses seed + i).
+      batch_size: prompts generated together.
+      split: which split's prompts.
+      generator: a `generate.Generator` to reuse (default: loaded from W).
+      out_path: also write the result there as JSON (e.g. W/samples/eval.json).
+      progress: show progress bars.
+
+    Returns:
+      Flat dict: settings; `fd_clap` (real vs generated CLAP audio embeddings), `clap_score`,
+      `clap_score_real`; for generated clips (`generated/...`), real clips (`real/...`) and
+      chance (`chance/...`): key_accuracy, mode_accuracy, key_mode_accuracy, tempo_accuracy
+      (within 8%), tempo_octave_accuracy (also at half or double tempo), loudness_accuracy; and
+      the counts of scored prompts.
+    """
+    from ldm_jax.diffusion import generate
+
+    gen = generator or generate.Generator(workdir, batch_size=batch_size)
+    data = load_prompts(data_dir_or_latents, num_prompts=num_prompts, split=split,
+                        decode=gen.decode_latents)
+    prompts, references, real = data["prompts"], data["references"], data["audio"]
+    real_rate = data["sample_rate"]
+    if seconds is None:
+        seconds = float(np.median([len(c) for c in real])) / real_rate
+    audio = gen.generate(prompts, seconds=seconds, steps=steps, sampler=sampler,
+                         cfg_scale=cfg_scale, seed=seed, progress=progress)
+    audio = [a if a.ndim == 1 else a.mean(-1) for a in audio]
+    rate = gen.sample_rate
+
+    real_emb = gen.clap.embed_audio(real, sample_rate=real_rate)
+    gen_emb = gen.clap.embed_audio(audio, sample_rate=rate)
+    text_emb = gen.clap.embed_text(prompts)
+    result = {"num_prompts": len(prompts), "seconds": float(seconds), "steps": int(steps),
+              "sampler": sampler, "cfg_scale": float(cfg_scale),
+              "fd_clap": frechet_distance(real_emb, gen_emb),
+              "clap_score": clap_score(gen_emb, text_emb),
+              "clap_score_real": clap_score(real_emb, text_emb)}
+    generated = music.adherence(_analyse_all(audio, rate, progress, "analyse generated"),
+                                references)
+    ceiling = music.adherence(_analyse_all(real, real_rate, progress, "analyse real"),
+                              references)
+    for k, v in generated.items():
+        result[f"generated/{k}" if not k.startswith("n_") else k] = v
+    result.update({f"real/{k}": v for k, v in ceiling.items() if not k.startswith("n_")})
+    result.update({f"chance/{k}": v for k, v in music.chance(references).items()})
+    if out_path:
+        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+        with open(out_path + ".tmp", "w") as f:
+            json.dump(result, f, indent=2)
+        os.replace(out_path + ".tmp", out_path)
+    return result

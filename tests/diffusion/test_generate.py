@@ -1,0 +1,274 @@
+"""Generation from a (random) trained chain: seeds, guidance, inpainting, variation, files,
+and the generation evaluation."""
+
+import json
+import math
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+import soundfile as sf
+
+from ldm_jax import config as config_lib
+from ldm_jax import parallel
+from ldm_jax.checkpoint import Checkpointer
+from ldm_jax.clap import model as clap_model
+from ldm_jax.clap.text import Tokenizer
+from ldm_jax.codec import inference
+from ldm_jax.codec.model import CodecConfig, make_codec
+from ldm_jax.data import builders
+from ldm_jax.data.latents import LatentStats
+from ldm_jax.diffusion import generate
+from ldm_jax.diffusion import train as ldm_train
+from ldm_jax.diffusion.schedules import DiffusionError
+from ldm_jax.diffusion.unet import example_inputs, make_unet
+from ldm_jax.eval import generation
+
+SR, LATENT, SECONDS, STEPS = 16000, 8, 0.32, 4
+CAPTIONS = ["a slow organ melody in C major", "fast bell arpeggio in A minor, played loudly",
+            "quiet plucked string chords", "a loud drum groove at 120 BPM"]
+
+
+def random_tree(shapes, seed=0, std=0.05):
+    """Random parameters from shapes alone (no initialiser is compiled)."""
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        name = parallel.path_str(path).split("/")[-1]
+        if name in ("scale", "alpha", "weight_g"):
+            return np.ones(leaf.shape, leaf.dtype)
+        if name == "bias":
+            return np.zeros(leaf.shape, leaf.dtype)
+        if name == "logit_scale":
+            return np.asarray(math.log(1 / 0.07), leaf.dtype)
+        return (rng.normal(size=leaf.shape) * std).astype(leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def write_codec(directory):
+    config = CodecConfig(sample_rate=SR, channels=1, encoder_dim=4, encoder_rates=(2, 4, 4, 5),
+                         latent_dim=LATENT, decoder_dim=16, decoder_rates=(5, 4, 4, 2),
+                         quantizer="kl")
+    x = jnp.zeros((1, config.hop_length, 1))
+    shapes = jax.eval_shape(lambda r: nn.meta.unbox(make_codec(config).init({"params": r}, x)),
+                            jax.random.key(0))
+    inference.write_checkpoint(str(directory), config, random_tree(shapes, std=0.5)["params"])
+
+
+def write_clap(directory):
+    cfg = config_lib.get_config("clap_tiny", [
+        "data.sample_rate=16000", "tokenizer.vocab_size=64", "tokenizer.max_length=12",
+        "model.embed_dim=16", "model.text.width=32", "model.text.num_layers=1",
+        "model.text.num_heads=2", "model.audio.width=32", "model.audio.num_layers=1",
+        "model.audio.num_heads=2", "model.audio.max_seconds=0.5", "model.audio.n_fft=256",
+        "model.audio.hop_length=128", "model.audio.n_mels=16"])
+    os.makedirs(directory)
+    with open(os.path.join(directory, clap_model.CONFIG_FILE), "w") as f:
+        f.write(config_lib.to_json(cfg))
+    Tokenizer.train(CAPTIONS * 8, vocab_size=64).save(os.path.join(directory,
+                                                                   clap_model.TOKENIZER_FILE))
+    shapes = jax.eval_shape(lambda r: clap_model.init_params(cfg, r), jax.random.key(0))
+    ck = Checkpointer(os.path.join(directory, "checkpoints"))
+    ck.save(1, {"step": np.asarray(1, np.int32), "params": random_tree(shapes, std=0.2)})
+    ck.close()
+
+
+def ldm_config():
+    return config_lib.get_config("ldm_tiny", [
+        f"model.latent_channels={LATENT}", "model.base_channels=16", "model.channel_mult=(1,)",
+        "model.attention_levels=()", "model.num_heads=2", "model.norm_groups=8",
+        "model.context_dim=32", "model.pooled_dim=16", "diffusion.num_train_timesteps=100"])
+
+
+def write_ldm(directory, cfg):
+    stats = LatentStats(mean=np.zeros(LATENT, np.float32), std=np.ones(LATENT, np.float32),
+                        scale_factor=0.5, frame_rate=100.0, sample_rate=SR, num_frames=100)
+    ldm_train.save_run_files(cfg, directory, stats, "mean")
+    unet = make_unet(cfg.model)
+    shapes = jax.eval_shape(lambda r: unet.init(r, **example_inputs(unet))["params"],
+                            jax.random.key(0))
+    params = random_tree(shapes, seed=1, std=0.1)
+    ck = Checkpointer(os.path.join(directory, "checkpoints"), model_config=cfg.model.to_dict())
+    ck.save(5, {"step": np.asarray(5, np.int32), "params": params, "ema_params": params})
+    ck.close()
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    w = tmp_path_factory.mktemp("w")
+    write_codec(w / "codec")
+    write_clap(str(w / "clap"))
+    write_ldm(str(w / "ldm"), ldm_config())
+    gen = generate.get_generator(str(w))
+    return str(w), gen
+
+
+def run(gen, prompts, **kw):
+    kw = {"seconds": SECONDS, "steps": STEPS, **kw}
+    return gen.generate(prompts, **kw)
+
+
+def test_generation_is_deterministic_per_seed_and_independent_of_the_batch(chain):
+    _, gen = chain
+    assert gen.step == 5
+    a, together = run(gen, CAPTIONS[:2], seed=7, return_latents=True)
+    assert a.shape == (2, round(SECONDS * SR)) and a.dtype == np.float32
+    assert np.all(np.isfinite(a)) and np.abs(a).max() > 0
+    np.testing.assert_array_equal(run(gen, CAPTIONS[:2], seed=7), a)
+    assert not np.allclose(run(gen, CAPTIONS[:2], seed=8)[0], a[0])
+    # Prompt i of a call with seed s is the sample of seed s + i, whatever else is in the batch.
+    _, alone = run(gen, [CAPTIONS[1]], seed=8, return_latents=True)
+    np.testing.assert_allclose(alone[0], together[1], rtol=1e-4, atol=1e-4)
+
+
+def test_guidance_scale_one_and_negative_prompt_equal_to_prompt_give_the_conditional(chain):
+    _, gen = chain
+    _, cond = run(gen, CAPTIONS[:2], cfg_scale=1.0, return_latents=True)
+    # With the prompt itself as the negative prompt, both halves of the guided batch agree.
+    same = [run(gen, [p], cfg_scale=4.0, negative_prompt=p, seed=i, return_latents=True)[1][0]
+            for i, p in enumerate(CAPTIONS[:2])]
+    np.testing.assert_allclose(np.stack(same), cond, rtol=1e-4, atol=1e-4)
+    _, guided = run(gen, CAPTIONS[:2], cfg_scale=4.0, return_latents=True)
+    assert np.abs(guided - cond).max() > 1e-2
+
+
+def test_inpainting_keeps_the_latents_outside_the_range(chain):
+    _, gen = chain
+    t = np.arange(round(SECONDS * SR)) / SR
+    clip = (0.3 * np.sin(2 * np.pi * 330 * t)).astype(np.float32)
+    audio, latents = run(gen, CAPTIONS[:2], inpaint_audio=clip, inpaint_start=0.1,
+                         inpaint_end=0.2, return_latents=True)
+    known, _ = gen.encode_audio(clip, latents.shape[1])
+    assert latents.shape[1] == 33  # 32 frames cover the clip, one more for the decoder
+    outside = np.r_[0:10, 20:32]
+    np.testing.assert_allclose(latents[:, outside], np.repeat(known, 2, 0)[:, outside],
+                               rtol=1e-5, atol=1e-5)
+    assert np.abs(latents[:, 10:20] - known[:, 10:20]).max() > 1e-2
+    assert audio.shape == (2, clip.shape[0])
+
+
+def test_audio_to_audio_starts_from_the_noised_clip(chain):
+    _, gen = chain
+    t = np.arange(round(SECONDS * SR)) / SR
+    clip = (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+    known, _ = gen.encode_audio(clip, 33)
+    _, light = run(gen, CAPTIONS[:1], init_audio=clip, strength=0.25, return_latents=True)
+    _, free = run(gen, CAPTIONS[:1], return_latents=True)
+    near = np.abs(light[0] - known[0]).mean()
+    assert near < np.abs(free[0] - known[0]).mean()
+    with pytest.raises(DiffusionError, match="strength"):
+        run(gen, CAPTIONS[:1], init_audio=clip, strength=0.0)
+
+
+def test_write_samples_and_text_to_audio(chain, tmp_path):
+    w, gen = chain
+    index = generate.write_samples(w, CAPTIONS[:2], seconds=SECONDS, seed=3, steps=STEPS,
+                                   out_dir=str(tmp_path), progress=False)
+    assert index == [{"file": "sample_000.wav", "prompt": CAPTIONS[0], "seed": 3},
+                     {"file": "sample_001.wav", "prompt": CAPTIONS[1], "seed": 4}]
+    assert json.load(open(tmp_path / "samples.json")) == index
+    wave, rate = sf.read(tmp_path / "sample_001.wav", dtype="float32")
+    assert rate == SR and wave.shape == (round(SECONDS * SR),)
+    again = generate.text_to_audio(CAPTIONS[:2], workdir=w, seconds=SECONDS, steps=STEPS,
+                                   seed=3)
+    np.testing.assert_allclose(again[1], wave, atol=1e-4)  # a 16-bit file
+    with pytest.raises(DiffusionError, match="train ldm"):
+        generate.Generator(str(tmp_path))
+
+
+def test_evaluation_scores_generated_against_real_clips(chain, tmp_path):
+    w, gen = chain
+    data = ml_collections.ConfigDict(dict(name="synthetic_music", sample_rate=SR, channels=1,
+                                          clip_seconds=SECONDS, num_train=1, num_test=4,
+                                          seed=0))
+    builders.build("synthetic_music", data, str(tmp_path), workers=1, progress=False)
+    out = tmp_path / "eval.json"
+    result = generation.evaluate_generation(w, str(tmp_path), num_prompts=2, steps=STEPS,
+                                            generator=gen, out_path=str(out), progress=False)
+    assert result["num_prompts"] == 2 and result["seconds"] == pytest.approx(SECONDS)
+    assert result["fd_clap"] >= 0 and -1 <= result["clap_score"] <= 1
+    for prefix in ("generated", "real", "chance"):
+        for metric in ("key_accuracy", "tempo_accuracy", "loudness_accuracy"):
+            value = result[f"{prefix}/{metric}"]
+            assert np.isnan(value) or 0 <= value <= 1
+    assert json.load(open(out))["num_prompts"] == 2
+
+
+def test_training_media_draws_the_configured_prompts(chain):
+    _, gen = chain
+    cfg = ldm_config()
+    with cfg.unlocked():
+        cfg.generation.seconds = SECONDS
+        cfg.generation.media_steps = 2
+    task = ldm_train.make_task(cfg, gen.clap, gen.stats, codec=gen.codec)
+    media = task.media({"ema_params": gen.params})
+    assert sorted(media) == ["ldm/sample_0", "ldm/sample_1"]
+    kind, wave, rate = media["ldm/sample_0"]
+    assert kind == "audio" and rate == SR and wave.shape == (round(SECONDS * SR),)
+
+
+@pytest.mark.slow
+def test_stage_trains_from_latents_and_generates(chain, tmp_path):
+    """The LDM stage end to end: latents of a synthetic build, 2 steps, samples, evaluation."""
+    from ldm_jax.data import latents
+
+    w, gen = chain
+    data = ml_collections.ConfigDict(dict(name="synthetic_music", sample_rate=SR, channels=1,
+                                          clip_seconds=SECONDS, num_train=8, num_test=2,
+                                          seed=0, crop_seconds=0.16, shuffle_seed=0,
+                                          worker_count=0, worker_buffer_size=1))
+    builders.build("synthetic_music", data, str(tmp_path / "data"), workers=1, progress=False)
+    latents.encode_latents(w, data, str(tmp_path / "data"), str(tmp_path / "latents"),
+                           progress=False)
+    for stage in ("codec", "clap"):
+        os.symlink(os.path.join(w, stage), tmp_path / stage)
+
+    # Audio conditioning: each latent example gets its source clip's CLAP audio embedding.
+    from ldm_jax.data import pipeline
+    source = builders.open_split(str(tmp_path / "latents"), "latents", "train")
+    cache = str(tmp_path / "ldm" / "clap_audio_train.npy")
+    emb = ldm_train.clip_embeddings(gen.clap, source, str(tmp_path / "latents"), cache)
+    audio = builders.open_split(str(tmp_path / "data"), "synthetic_music", "train")
+    clips = [audio[int(source[i]["source_index"])]["audio"] for i in range(len(source))]
+    np.testing.assert_allclose(emb, gen.clap.embed_audio(clips, sample_rate=SR), rtol=1e-5,
+                               atol=1e-6)
+    np.testing.assert_array_equal(
+        ldm_train.clip_embeddings(gen.clap, source, str(tmp_path / "latents"), cache), emb)
+    batch = next(pipeline.make_iterator(
+        ldm_train.WithEmbeddings(source, emb), data, batch_size=4, crop_key="latents",
+        rate=100.0, fields=("latents", "caption", "clap_audio")))
+    audio_cfg = ldm_config()
+    with audio_cfg.unlocked():
+        audio_cfg.train.condition_on_audio = True
+        audio_cfg.model.context_dim = 16
+    prepared = ldm_train.Prepare(audio_cfg, gen.clap, gen.stats)(batch)
+    assert prepared["latents"].shape == (4, 16, LATENT)
+    assert prepared["context"].shape == (4, 1, 16)
+    assert {tuple(row) for row in np.round(prepared["pooled"], 5)} <= \
+        {tuple(row) for row in np.round(emb, 5)}
+    cfg = ldm_config()
+    with cfg.unlocked():
+        cfg.data = data
+        cfg.train.steps = 2
+        cfg.train.batch_size = 8
+        cfg.log.progress = False
+        cfg.log.audio_every_steps = 2
+        cfg.generation.seconds = SECONDS
+        cfg.generation.media_steps = 2
+    result = ldm_train.train(cfg, str(tmp_path), str(tmp_path / "latents"),
+                             str(tmp_path / "clap"))
+    assert result.step == 2
+    assert os.listdir(tmp_path / "logs" / "ldm")
+    trained = generate.Generator(str(tmp_path), batch_size=2)
+    index = generate.write_samples(str(tmp_path), CAPTIONS[:2], seconds=SECONDS, steps=2,
+                                   generator=trained, progress=False)
+    assert [i["file"] for i in index] == ["sample_000.wav", "sample_001.wav"]
+    scores = generation.evaluate_generation(str(tmp_path), str(tmp_path / "latents"),
+                                            num_prompts=2, steps=2, generator=trained,
+                                            progress=False)
+    assert scores["num_prompts"] == 2
