@@ -7,7 +7,7 @@ truth for a model's shape) and reads the dataset that the top-level `data` secti
 
 import ml_collections
 
-from experiments import clap_tiny, codec_tiny, common
+from experiments import clap_tiny, codec_tiny, common, ldm_tiny
 
 # What the dataset is built with; stages may only change how they read it (crops, workers).
 BUILD_KEYS = ("name", "data_dir", "sample_rate", "channels", "clip_seconds", "num_train",
@@ -24,13 +24,28 @@ def get_config(arg=None):
     c.checkpoint = common.checkpoint()
     c.log = common.log()
     c.codec = codec_tiny.get_config()
-    c.codec.train.steps = 600
+    # Sized so that the whole chain runs in minutes on a 2-core CPU.
+    c.codec.train.steps = 400
     c.codec.train.disc_start = 300
     c.codec.checkpoint.every_steps = 200
     c.codec.eval.num_examples = 32
     c.clap = clap_tiny.get_config()
+    c.clap.train.steps = 300
     for key in c.tokenizer:
         c.clap.tokenizer[key] = c.tokenizer.get_ref(key)
+    c.ldm = ldm_tiny.get_config()
+    # The U-Net's shape follows the codec's latents and the CLAP text tower.
+    c.ldm.model.latent_channels = c.codec.model.get_ref("latent_dim")
+    c.ldm.model.context_dim = c.clap.model.text.get_ref("width")
+    c.ldm.model.pooled_dim = c.clap.model.get_ref("embed_dim")
+    c.ldm.data.crop_seconds = 1.0
+    c.ldm.train.steps = 300
+    c.ldm.train.batch_size = 8
+    c.ldm.checkpoint.every_steps = 150
+    c.ldm.log.audio_every_steps = 0
+    c.ldm.generation.steps = 25
+    c.ldm.eval.num_prompts = 16
+    c.ldm.eval.steps = 25
     share_data(c)
     return c
 

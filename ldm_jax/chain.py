@@ -273,6 +273,59 @@ def _clap_eval_run(cfg, workdir):
     return {k: result[k] for k in keys if k in result}
 
 
+def _latents_done(cfg, workdir):
+    from ldm_jax.data import latents
+    return latents.is_complete(os.path.join(workdir, "latents"))
+
+
+def _latents_run(cfg, workdir):
+    from ldm_jax.data import latents
+    summary = latents.encode_latents(workdir, cfg.data, data_dir(cfg, workdir),
+                                     os.path.join(workdir, "latents"))
+    keys = ("splits", "latent", "latent_dim", "frame_rate", "scale_factor")
+    return {k: summary[k] for k in keys if k in summary}
+
+
+def _ldm_run(cfg, workdir):
+    from ldm_jax.diffusion import train as ldm_train
+    result = ldm_train.train(cfg.ldm, workdir, os.path.join(workdir, "latents"),
+                             os.path.join(workdir, "clap"))
+    if result.preempted:
+        raise KeyboardInterrupt
+    last = [r for r in result.history if "train/loss" in r]
+    return {"steps": result.step, "loss": last[-1]["train/loss"] if last else None}
+
+
+def _samples_done(cfg, workdir):
+    return os.path.isfile(os.path.join(workdir, "samples", "samples.json"))
+
+
+def _samples_run(cfg, workdir):
+    from ldm_jax.diffusion import generate
+    g = cfg.ldm.generation
+    index = generate.write_samples(
+        workdir, list(g.prompts), seconds=g.seconds, seed=g.seed, steps=g.steps,
+        sampler=g.sampler, cfg_scale=g.cfg_scale, negative_prompt=g.negative_prompt or None)
+    return {"samples": len(index)}
+
+
+def _generation_eval_done(cfg, workdir):
+    return os.path.isfile(os.path.join(workdir, "samples", "eval.json"))
+
+
+def _generation_eval_run(cfg, workdir):
+    from ldm_jax.eval import generation
+    e = cfg.ldm.eval
+    result = generation.evaluate_generation(
+        workdir, os.path.join(workdir, "latents"), num_prompts=e.num_prompts,
+        seconds=e.seconds, steps=e.steps, sampler=e.sampler, cfg_scale=e.cfg_scale,
+        seed=e.seed, batch_size=e.batch_size,
+        out_path=os.path.join(workdir, "samples", "eval.json"))
+    keys = ("fd_clap", "clap_score", "generated/key_accuracy", "generated/tempo_accuracy",
+            "chance/key_accuracy", "chance/tempo_accuracy")
+    return {k: result[k] for k in keys if k in result}
+
+
 def _report_run(cfg, workdir):
     from ldm_jax.eval import report
     path = report.write_report(workdir)
@@ -292,5 +345,14 @@ def default_stages() -> list[Stage]:
         Stage("clap", ("data", "tokenizer"), ("data", "tokenizer", "clap"), steps("clap"),
               _clap_run, ("clap", "logs/clap"), all_hosts=True),
         Stage("clap_eval", ("clap",), ("clap.eval",), _clap_eval_done, _clap_eval_run),
-        Stage("report", ("codec_eval", "clap_eval"), (), lambda cfg, w: False, _report_run),
+        Stage("latents", ("codec",), ("data", "codec"), _latents_done, _latents_run,
+              ("latents",), all_hosts=True),
+        Stage("ldm", ("latents", "clap"), ("ldm",), steps("ldm"), _ldm_run,
+              ("ldm", "logs/ldm"), all_hosts=True),
+        Stage("samples", ("ldm",), ("ldm.generation",), _samples_done, _samples_run,
+              ("samples",)),
+        Stage("generation_eval", ("samples",), ("ldm.eval",), _generation_eval_done,
+              _generation_eval_run),
+        Stage("report", ("codec_eval", "clap_eval", "generation_eval"), (),
+              lambda cfg, w: False, _report_run),
     ]

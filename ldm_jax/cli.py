@@ -260,6 +260,79 @@ def cmd_clap_retrieve(args, cfg):
         print(f"{rank:2d}. {score:+.3f}  [{ident}] {caption}")
 
 
+# ---------------------------------------------------------------------------- latent diffusion
+
+def cmd_latents_encode(args, cfg):
+    from ldm_jax.data import latents
+    stage = stage_config(cfg, "codec") if "codec" in cfg else cfg
+    out = args.out or (os.path.join(args.workdir, "latents") if args.workdir else "")
+    if not out:
+        raise config_lib.ConfigError("say where to write the latents: --out DIR or --workdir W")
+    summary = latents.encode_latents(args.codec or _require_workdir(args), stage.data,
+                                     _data_dir(args, stage), os.path.abspath(out),
+                                     overwrite=args.overwrite)
+    print(f"latents: {summary.get('path', out)} {summary.get('splits', {})}, "
+          f"{summary.get('latent_dim')} channels at {summary.get('frame_rate')} frames/s, "
+          f"scale factor {summary.get('scale_factor', float('nan')):.4g}")
+
+
+def cmd_train_ldm(args, cfg):
+    from ldm_jax.diffusion import train as ldm_train
+    workdir = _require_workdir(args)
+    stage = stage_config(cfg, "ldm")
+    result = ldm_train.train(stage, workdir, args.latents or os.path.join(workdir, "latents"),
+                             args.clap or os.path.join(workdir, "clap"))
+    state = "stopped by a signal at" if result.preempted else "finished at"
+    print(f"ldm: {state} step {result.step}; checkpoints in {workdir}/ldm/checkpoints")
+
+
+def cmd_generate(args, cfg):
+    from ldm_jax.audio import io as audio_io
+    from ldm_jax.diffusion import generate
+    workdir = _require_workdir(args)
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        with open(args.prompts_file) as f:
+            prompts += [line.strip() for line in f if line.strip()]
+    if not prompts:
+        raise config_lib.ConfigError("give a prompt or --prompts-file FILE")
+    init = inpaint = None
+    gen = generate.get_generator(workdir)
+    if args.init_audio:
+        init, _ = audio_io.read_audio(args.init_audio, sample_rate=gen.sample_rate)
+    if args.inpaint_audio:
+        inpaint, _ = audio_io.read_audio(args.inpaint_audio, sample_rate=gen.sample_rate)
+    sampler = "dpmpp_2m" if args.sampler == "dpmpp" else args.sampler
+    audio = gen.generate(prompts, seconds=args.seconds, steps=args.steps, sampler=sampler,
+                         cfg_scale=args.cfg, negative_prompt=args.negative_prompt,
+                         seed=[args.seed + i for i in range(len(prompts))],
+                         init_audio=None if init is None else [init[:, 0]] * len(prompts),
+                         strength=args.strength,
+                         inpaint_audio=None if inpaint is None else [inpaint[:, 0]] * len(prompts),
+                         inpaint_start=args.inpaint_start, inpaint_end=args.inpaint_end,
+                         progress=True)
+    outs = [args.output] if len(prompts) == 1 else [
+        f"{os.path.splitext(args.output)[0]}_{i:03d}.wav" for i in range(len(prompts))]
+    for path, clip, prompt in zip(outs, audio, prompts):
+        audio_io.write_audio(path, clip, gen.sample_rate)
+        print(f"{path}: {prompt!r} ({len(clip) / gen.sample_rate:.2f} s)")
+
+
+def cmd_eval_generation(args, cfg):
+    import json
+
+    from ldm_jax.eval import generation
+    workdir = _require_workdir(args)
+    stage = stage_config(cfg, "ldm")
+    e = stage.eval
+    result = generation.evaluate_generation(
+        workdir, args.data or os.path.join(workdir, "latents"),
+        num_prompts=args.num_prompts or e.num_prompts, seconds=e.seconds,
+        steps=args.steps or e.steps, sampler=e.sampler, cfg_scale=e.cfg_scale, seed=e.seed,
+        batch_size=e.batch_size, out_path=args.json)
+    print(json.dumps(result, indent=2))
+
+
 # ----------------------------------------------------------------------------------- the chain
 
 def cmd_run(args, cfg):
@@ -358,6 +431,54 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p, data_dir=True, default="clap_tiny")
     _add_distributed(p)
     p.set_defaults(func=cmd_train_clap)
+
+    p = train_sub.add_parser("ldm", help="train the latent diffusion U-Net", epilog=EPILOG)
+    p.add_argument("--latents", default=None, help="latents directory (default: W/latents)")
+    p.add_argument("--clap", default=None, help="trained CLAP directory (default: W/clap)")
+    _add_config(p, default="ldm_tiny")
+    _add_distributed(p)
+    p.set_defaults(func=cmd_train_ldm)
+
+    lat = sub.add_parser("latents", help="codec latents of a dataset", epilog=EPILOG)
+    lat_sub = lat.add_subparsers(dest="latents_command", metavar="ACTION", required=True)
+    p = lat_sub.add_parser("encode", help="encode every clip with a trained codec",
+                           epilog=EPILOG)
+    p.add_argument("--codec", default=None, help="codec directory or W (default: --workdir)")
+    p.add_argument("--out", default=None, help="latents directory (default: W/latents)")
+    p.add_argument("--overwrite", action="store_true")
+    _add_config(p, data_dir=True, default="codec_tiny")
+    _add_distributed(p)
+    p.set_defaults(func=cmd_latents_encode)
+
+    p = sub.add_parser("generate", help="text to audio with the trained chain", epilog=EPILOG)
+    p.add_argument("prompt", nargs="*", help="text prompt(s)")
+    p.add_argument("--prompts-file", default=None, help="one prompt per line")
+    p.add_argument("-o", "--output", default="out.wav")
+    p.add_argument("--seconds", type=float, default=None)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--sampler", default="dpmpp_2m",
+                   choices=("ddpm", "ddim", "dpmpp_2m", "dpmpp", "euler"))
+    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale")
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init-audio", default=None, help="audio-to-audio: the clip to vary")
+    p.add_argument("--strength", type=float, default=0.6)
+    p.add_argument("--inpaint-audio", default=None, help="the clip to inpaint")
+    p.add_argument("--inpaint-start", type=float, default=None, help="seconds")
+    p.add_argument("--inpaint-end", type=float, default=None, help="seconds")
+    _add_config(p, default="ldm_tiny")
+    p.set_defaults(func=cmd_generate)
+
+    ev = sub.add_parser("eval", help="evaluate a trained stage", epilog=EPILOG)
+    ev_sub = ev.add_subparsers(dest="eval_command", metavar="WHAT", required=True)
+    p = ev_sub.add_parser("generation", help="Frechet CLAP distance, CLAP score, adherence",
+                          epilog=EPILOG)
+    p.add_argument("--json", default=None)
+    p.add_argument("--data", default=None, help="latents or data dir (default: W/latents)")
+    p.add_argument("--num-prompts", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None)
+    _add_config(p, default="ldm_tiny")
+    p.set_defaults(func=cmd_eval_generation)
 
     clap = sub.add_parser("clap", help="use a trained CLAP: evaluate, retrieve", epilog=EPILOG)
     clap_sub = clap.add_subparsers(dest="clap_command", metavar="ACTION", required=True)
