@@ -282,7 +282,7 @@ class Generator:
             take = functools.partial(_rows, begin=begin, rows=rows, size=size)
             noise = np.stack([np.random.default_rng(s).standard_normal((frames, dim))
                               for s in seeds[begin:begin + rows]]).astype(np.float32)
-            noise = take(noise)
+            noise = _rows(noise, begin=0, rows=rows, size=size)  # already this chunk's rows
             cond = {k: take(v) for k, v in cond_all.items()}
             if negative is not None:
                 uncond = {k: np.repeat(v, size, axis=0) for k, v in negative.items()}

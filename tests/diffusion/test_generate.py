@@ -124,6 +124,13 @@ def test_generation_is_deterministic_per_seed_and_independent_of_the_batch(chain
     # Prompt i of a call with seed s is the sample of seed s + i, whatever else is in the batch.
     _, alone = run(gen, [CAPTIONS[1]], seed=8, return_latents=True)
     np.testing.assert_allclose(alone[0], together[1], rtol=1e-4, atol=1e-4)
+    # More prompts than one batch holds: every chunk gets its own prompts and noise.
+    batch_size, gen.batch_size = gen.batch_size, 1
+    try:
+        _, chunked = run(gen, CAPTIONS[:2], seed=7, return_latents=True)
+    finally:
+        gen.batch_size = batch_size
+    np.testing.assert_allclose(chunked, together, rtol=1e-4, atol=1e-4)
 
 
 def test_guidance_scale_one_and_negative_prompt_equal_to_prompt_give_the_conditional(chain):
