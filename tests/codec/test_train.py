@@ -65,7 +65,9 @@ def test_sharded_steps_equal_single_device_and_lower_the_loss(setup):
     assert h1[-1]["mel/loss"] < h1[0]["mel/loss"]
     for a, b in zip(h1, h8):
         np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-5)
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5),
+    # Three Adam steps move a parameter by at most 3e-3 (lr 1e-3); the GAN's many reductions
+    # leave float noise of a few 1e-5 on rare near-zero-gradient entries, so compare at 5e-5.
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-4, atol=5e-5),
                            p1, p8)
 
 
