@@ -70,8 +70,8 @@ def cmd_data_show(args, cfg):
         attrs = {k: v for k, v in ex.items() if k not in ("audio", "caption")}
         seconds = (len(audio) / cfg.data.sample_rate) if audio is not None else 0.0
         print(f"[{ex.get('id', '?')}] {ex.get('caption', '') or '(no caption)'}")
-        print("    " + ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(attrs.items()) if k != "id")
-              + f", seconds={seconds:.2f}")
+        attrs.setdefault("seconds", round(seconds, 2))
+        print("    " + ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(attrs.items()) if k != "id"))
     png = args.png or os.path.join(data_dir, f"{args.name}_{args.split}.png")
     plots.save_log_mel_grid(png, [ex["audio"] for ex in examples],
                             [ex.get("caption", "") for ex in examples], cfg.data.sample_rate)
