@@ -25,18 +25,7 @@ import types
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-
-def _timed(fn, *args, repeats: int):
-    start = time.perf_counter()
-    out = jax.block_until_ready(fn(*args))
-    compile_s = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return out, compile_s, statistics.median(times)
+from timing import timed  # benchmarks/timing.py (scripts run from this folder)
 
 
 def _captions(rng: np.random.Generator, batch: int, length: int, vocab: int):
@@ -94,8 +83,8 @@ def bench_speed(cfg, batch: int, repeats: int) -> dict:
     tokens, text_mask = _captions(rng, eval_batch, length, vocab)
     audio, audio_mask = _audio(rng, eval_batch, int(eval_seconds * sr))
     params = state["params"]
-    _, text_compile, text_s = _timed(embed_text, params, tokens, text_mask, repeats=repeats)
-    _, audio_compile, audio_s = _timed(embed_audio, params, audio, audio_mask, repeats=repeats)
+    _, text_compile, text_s = timed(embed_text, params, tokens, text_mask, repeats=repeats)
+    _, audio_compile, audio_s = timed(embed_audio, params, audio, audio_mask, repeats=repeats)
     return {"batch": batch, "crop_seconds": float(cfg.data.crop_seconds), "text_length": length,
             "train_step_s": step_s, "train_step_compile_s": step_compile,
             "pairs_per_s": batch / step_s, "eval_batch": eval_batch,

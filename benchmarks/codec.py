@@ -28,18 +28,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-
-def _timed(fn, *args, repeats: int):
-    start = time.perf_counter()
-    out = jax.block_until_ready(fn(*args))
-    compile_s = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return out, compile_s, statistics.median(times)
+from timing import timed  # benchmarks/timing.py (scripts run from this folder)
 
 
 def bench_speed(cfg, batch: int, repeats: int) -> dict:
@@ -72,8 +61,8 @@ def bench_speed(cfg, batch: int, repeats: int) -> dict:
                        jnp.float32)
     encode = jax.jit(lambda v, x: codec.apply(v, x, method=Codec.encode)[0])
     decode = jax.jit(lambda v, z: codec.apply(v, z, method=Codec.decode))
-    z, enc_compile, enc_s = _timed(encode, variables, clip, repeats=repeats)
-    _, dec_compile, dec_s = _timed(decode, variables, z, repeats=repeats)
+    z, enc_compile, enc_s = timed(encode, variables, clip, repeats=repeats)
+    _, dec_compile, dec_s = timed(decode, variables, z, repeats=repeats)
     return {"batch": batch, "crop_seconds": n / sr, "train_step_s": step_s,
             "train_step_compile_s": step_compile, "clips_per_s": batch / step_s,
             "encode_rtf": seconds / enc_s, "decode_rtf": seconds / dec_s,

@@ -78,6 +78,17 @@ def cmd_data_show(args, cfg):
     print(f"log-mel spectrograms: {png}")
 
 
+def _print_json(result: dict, path: str | None):
+    """Prints metrics as JSON and also writes them to PATH when given."""
+    import json
+    text = json.dumps(result, indent=2)
+    print(text)
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(text + "\n")
+
+
 def _fmt(v):
     import numpy as np
     return f"{float(v):.1f}" if isinstance(v, (float, np.floating)) else str(v)
@@ -180,7 +191,6 @@ def cmd_codec_decode(args, cfg):
 
 
 def cmd_codec_eval(args, cfg):
-    import json
 
     from ldm_jax.codec import inference
     from ldm_jax.data import builders
@@ -190,12 +200,7 @@ def cmd_codec_eval(args, cfg):
     n = len(source) if args.max_clips <= 0 else min(args.max_clips, len(source))
     clips = [source[i]["audio"] for i in range(n)]
     result = inference.evaluate(loaded, clips, n_codebooks=args.n_codebooks)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            f.write(text + "\n")
+    _print_json(result, args.json)
 
 
 def cmd_codec_import_dac(args, cfg):
@@ -237,17 +242,11 @@ def _clap_dir(args) -> str:
 
 
 def cmd_clap_eval(args, cfg):
-    import json
 
     from ldm_jax.clap import evaluate as clap_eval
     stage = stage_config(cfg, "clap")
     result = clap_eval.evaluate(None, _clap_dir(args), _data_dir(args, stage), split=args.split)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            f.write(text + "\n")
+    _print_json(result, args.json)
 
 
 def cmd_clap_retrieve(args, cfg):
@@ -319,8 +318,6 @@ def cmd_generate(args, cfg):
 
 
 def cmd_eval_generation(args, cfg):
-    import json
-
     from ldm_jax.eval import generation
     workdir = _require_workdir(args)
     stage = stage_config(cfg, "ldm")
@@ -329,8 +326,8 @@ def cmd_eval_generation(args, cfg):
         workdir, args.data or os.path.join(workdir, "latents"),
         num_prompts=args.num_prompts or e.num_prompts, seconds=e.seconds,
         steps=args.steps or e.steps, sampler=e.sampler, cfg_scale=e.cfg_scale, seed=e.seed,
-        batch_size=e.batch_size, out_path=args.json)
-    print(json.dumps(result, indent=2))
+        batch_size=e.batch_size)
+    _print_json(result, args.json)
 
 
 # ----------------------------------------------------------------------------------- the chain
