@@ -22,6 +22,7 @@ import zlib
 import numpy as np
 from scipy import ndimage, signal
 
+from ldm_jax.audio import loudness
 from ldm_jax.data import instruments
 
 INSTRUMENTS = ("plucked_string", "organ", "bell", "synth_lead", "bass", "drum_kit")
@@ -297,23 +298,9 @@ def caption_for(attributes: dict, rng: np.random.Generator) -> str:
 
 @functools.lru_cache(maxsize=16)
 def k_weighting(sample_rate: int) -> np.ndarray:
-    """BS.1770 K-weighting (high shelf, then RLB high-pass) as second-order sections.
-
-    The analogue prototypes reproduce the standard's published 48 kHz coefficients and give the
-    same curve at any other rate.
-    """
-    k = np.tan(np.pi * 1681.974450955533 / sample_rate)
-    q, vh = 0.7071752369554196, 10.0 ** (3.999843853973347 / 20.0)
-    vb = vh**0.4996667741545416
-    a0 = 1.0 + k / q + k * k
-    shelf = [(vh + vb * k / q + k * k) / a0, 2.0 * (k * k - vh) / a0,
-             (vh - vb * k / q + k * k) / a0, 1.0, 2.0 * (k * k - 1.0) / a0,
-             (1.0 - k / q + k * k) / a0]
-    k = np.tan(np.pi * 38.13547087602444 / sample_rate)
-    q = 0.5003270373238773
-    a0 = 1.0 + k / q + k * k
-    highpass = [1.0, -2.0, 1.0, 1.0, 2.0 * (k * k - 1.0) / a0, (1.0 - k / q + k * k) / a0]
-    return np.array([shelf, highpass])
+    """BS.1770 K-weighting (high shelf, then RLB high-pass) as second-order sections for
+    `scipy.signal.sosfilt`: the coefficients of `ldm_jax.audio.loudness.k_weighting`."""
+    return np.array([np.concatenate([b, a]) for b, a in loudness.k_weighting(sample_rate)])
 
 
 def block_powers(audio: np.ndarray, sample_rate: int) -> np.ndarray:
