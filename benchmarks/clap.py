@@ -17,7 +17,6 @@ import argparse
 import json
 import math
 import platform
-import statistics
 import sys
 import time
 import types
@@ -25,7 +24,7 @@ import types
 import jax
 import jax.numpy as jnp
 import numpy as np
-from timing import timed  # benchmarks/timing.py (scripts run from this folder)
+from timing import timed, timed_steps  # benchmarks/timing.py (scripts run from this folder)
 
 
 def _captions(rng: np.random.Generator, batch: int, length: int, vocab: int):
@@ -67,15 +66,8 @@ def bench_speed(cfg, batch: int, repeats: int) -> dict:
     batch_arrays = {"tokens": tokens, "text_mask": text_mask, "audio": audio,
                     "audio_mask": audio_mask}
     step = jax.jit(task.step, donate_argnums=(0,))
-    start = time.perf_counter()
-    state, _ = jax.block_until_ready(step(state, batch_arrays, jax.random.key(1)))
-    step_compile = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        state, _ = jax.block_until_ready(step(state, batch_arrays, jax.random.key(1)))
-        times.append(time.perf_counter() - start)
-    step_s = statistics.median(times)
+    state, step_compile, step_s = timed_steps(step, state, batch_arrays, jax.random.key(1),
+                                              repeats=repeats)
 
     eval_batch = int(cfg.eval.batch_size)
     eval_seconds = float(cfg.eval.crop_seconds)

@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,7 +27,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from timing import timed  # benchmarks/timing.py (scripts run from this folder)
+from timing import timed, timed_steps  # benchmarks/timing.py (scripts run from this folder)
 
 
 def bench_speed(cfg, batch: int, repeats: int) -> dict:
@@ -42,15 +41,8 @@ def bench_speed(cfg, batch: int, repeats: int) -> dict:
     audio = (0.1 * rng.standard_normal((batch, n, cfg.model.channels))).astype(np.float32)
     step = jax.jit(functools.partial(codec_train.train_step, cfg=cfg), donate_argnums=(0,))
     batch_arrays = {"audio": jnp.asarray(audio)}
-    start = time.perf_counter()
-    state, _ = jax.block_until_ready(step(state, batch_arrays, jax.random.key(1)))
-    step_compile = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        state, _ = jax.block_until_ready(step(state, batch_arrays, jax.random.key(1)))
-        times.append(time.perf_counter() - start)
-    step_s = statistics.median(times)
+    state, step_compile, step_s = timed_steps(step, state, batch_arrays, jax.random.key(1),
+                                              repeats=repeats)
 
     codec = make_codec(cfg.model)
     variables = {"params": state["params"]}

@@ -17,3 +17,20 @@ def timed(fn, *args, repeats: int):
         out = jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - start)
     return out, compile_s, statistics.median(times)
+
+
+def timed_steps(step, state, batch, rng, *, repeats: int):
+    """Times a donating `state, batch, rng -> (state, metrics)` step, threading the state.
+
+    Returns:
+      (final state, first-call seconds (compile + run), median seconds of `repeats` steps).
+    """
+    start = time.perf_counter()
+    state, _ = jax.block_until_ready(step(state, batch, rng))
+    compile_s = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        state, _ = jax.block_until_ready(step(state, batch, rng))
+        times.append(time.perf_counter() - start)
+    return state, compile_s, statistics.median(times)

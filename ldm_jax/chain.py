@@ -52,10 +52,8 @@ def _is_leader() -> bool:
 
 
 def _barrier(name: str):
-    import jax
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(f"ldm_jax chain: {name}")
+    from ldm_jax import parallel
+    parallel.barrier(f"ldm_jax chain: {name}")
 
 
 def _section(cfg, path: str):

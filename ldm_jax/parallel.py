@@ -160,6 +160,13 @@ def per_host_batch(global_batch_size: int, mesh: Mesh | None = None) -> int:
     return global_batch_size // hosts
 
 
+def barrier(name: str):
+    """Waits until every JAX process reaches the barrier `name` (nothing with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
 def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
                            process_id: int | None = None) -> bool:
     """Starts multi-host JAX when there is more than one host; returns whether it did.

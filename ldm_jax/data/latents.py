@@ -28,6 +28,7 @@ import time
 
 import numpy as np
 
+from ldm_jax import parallel
 from ldm_jax.data import DataError
 
 NAME = "latents"
@@ -376,14 +377,6 @@ def _merge(out_dir: str, parts: dict[str, list[str]], params: dict, summary: dic
     return final
 
 
-def _barrier(name: str):
-    import jax
-
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(name)
-
-
 def encode_latents(codec_path: str, data_cfg, data_dir: str, out_dir: str, *,
                    batch_size: int = 8, progress: bool = True, overwrite: bool = False,
                    process_index: int | None = None, process_count: int | None = None) -> dict:
@@ -448,7 +441,7 @@ def encode_latents(codec_path: str, data_cfg, data_dir: str, out_dir: str, *,
         _encode_part(part, loaded=loaded, source=source, indices=list(range(n))[index::count],
                      split=split, params=part_params, features=features, latent_key=latent,
                      source_rate=source_rate, batch_size=batch_size, progress=progress)
-    _barrier("ldm_jax_latents_parts")
+    parallel.barrier("ldm_jax_latents_parts")
     stats = None
     if index == 0:
         parts = {split: [_part_dir(out_dir, split, i, count) for i in range(count)]
@@ -466,7 +459,7 @@ def encode_latents(codec_path: str, data_cfg, data_dir: str, out_dir: str, *,
             _merge(out_dir, parts, params, {"splits": splits}, stats)
             _write_stats_file(out_dir, stats)
             shutil.rmtree(os.path.join(out_dir, PARTS_DIR), ignore_errors=True)
-    _barrier("ldm_jax_latents_merged")
+    parallel.barrier("ldm_jax_latents_merged")
     if stats is None:
         merged = _read_json(os.path.join(out_dir, STATS_FILE))
         if merged is None or not os.path.isdir(dataset_path(out_dir, NAME)):
