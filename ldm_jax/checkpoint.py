@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+
+from ldm_jax import paths
 
 MODEL_CONFIG = "model_config.json"
 
@@ -47,9 +48,7 @@ class Checkpointer:
 
     def __init__(self, directory: str, *, keep: int = 2, model_config: dict | None = None):
         # orbax refuses relative paths (tensorstore needs absolute ones); URLs such as gs:// pass.
-        directory = str(directory)
-        self.directory = epath.Path(directory if "://" in directory
-                                    else os.path.abspath(directory))
+        self.directory = epath.Path(paths.resolve(str(directory)))
         self.model_config = json.loads(json.dumps(model_config, default=list)) \
             if model_config is not None else None
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,

@@ -24,10 +24,13 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from ldm_jax import parallel
+from ldm_jax import parallel, paths
 from ldm_jax.checkpoint import Checkpointer, CheckpointError
 
 METRICS_FILE = "metrics.jsonl"
+# How often logs of a remote workdir are copied up (and at the end of a run): objects are
+# rewritten whole, and an object store limits how often one object may be written.
+SYNC_SECONDS = 30.0
 
 
 class NonFiniteLoss(RuntimeError):
@@ -101,23 +104,53 @@ class _StopSignal:
 
 
 class _Writer:
-    """TensorBoard and JSON-lines metrics, written by process 0 only."""
+    """TensorBoard and JSON-lines metrics, written by process 0 only.
+
+    In a remote workdir (gs://), where files cannot be appended to, the metrics file is kept in
+    memory and rewritten whole, and TensorBoard writes into a local directory that is copied up
+    (`paths.SyncedDir`): both every SYNC_SECONDS and at `close`.
+    """
 
     def __init__(self, logdir: str | None, metrics_path: str):
         self.metrics_path = metrics_path
         self.tb = None
-        if jax.process_index() == 0 and logdir:
+        self._logs = None
+        self._metrics_text = None  # the whole metrics file of a remote workdir
+        self._remote = paths.is_remote(metrics_path) or bool(logdir and paths.is_remote(logdir))
+        self._synced = time.monotonic()
+        if jax.process_index() != 0:
+            return
+        if paths.is_remote(metrics_path):
+            self._metrics_text = paths.read_text(metrics_path) if paths.exists(metrics_path) \
+                else ""
+        if logdir:
             from tensorboardX import SummaryWriter
-            self.tb = SummaryWriter(logdir, flush_secs=30)
+            self._logs = paths.SyncedDir(logdir)
+            self.tb = SummaryWriter(self._logs.local, flush_secs=30)
+
+    def _sync(self):
+        if not self._remote or time.monotonic() - self._synced < SYNC_SECONDS:
+            return
+        self._synced = time.monotonic()
+        if self._metrics_text is not None:
+            paths.write_text(self.metrics_path, self._metrics_text)
+        if self.tb is not None:
+            self.tb.flush()
+            self._logs.sync()
 
     def scalars(self, step: int, values: dict):
         if jax.process_index() != 0:
             return
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps({"step": step, **values}) + "\n")
+        line = json.dumps({"step": step, **values}) + "\n"
+        if self._metrics_text is not None:
+            self._metrics_text += line
+        else:
+            with open(self.metrics_path, "a") as f:
+                f.write(line)
         if self.tb is not None:
             for k, v in values.items():
                 self.tb.add_scalar(k, v, step)
+        self._sync()
 
     def media(self, step: int, items: dict):
         if self.tb is None:
@@ -128,19 +161,23 @@ class _Writer:
                 self.tb.add_audio(tag, wave, step, sample_rate=int(item[2]))
             elif item[0] == "image":
                 self.tb.add_image(tag, np.asarray(item[1]), step, dataformats="HWC")
+        self._sync()
 
     def close(self):
         if self.tb is not None:
             self.tb.close()
+        if self._metrics_text is not None:
+            paths.write_text(self.metrics_path, self._metrics_text)
+        if self._logs is not None:
+            self._logs.close()
 
 
 def read_history(workdir: str) -> list[dict]:
     """The logged metrics of a stage, for reports and tests."""
     path = os.path.join(workdir, METRICS_FILE)
-    if not os.path.exists(path):
+    if not paths.exists(path):
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in paths.read_text(path).splitlines() if line.strip()]
 
 
 def _abstract_with_shardings(abstract, shardings):
@@ -201,7 +238,7 @@ def train(task: Task, data_iterator: Iterator[dict], *, workdir: str, num_steps:
     ck.update(dict(checkpoint_cfg or {}))
     lg = dict(every_steps=50, audio_every_steps=0, progress=True)
     lg.update(dict(log_cfg or {}))
-    os.makedirs(workdir, exist_ok=True)
+    paths.makedirs(workdir)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=ck["keep"],
                                 model_config=task.model_config)
     init_rng, step_rng = jax.random.split(jax.random.key(seed))

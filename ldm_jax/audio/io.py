@@ -4,17 +4,20 @@ Audio comes back as float32 `[time, channels]` in [-1, 1]. Every way a file can 
 (missing, empty, not audio, corrupt, truncated, an encoding this libsndfile lacks) raises
 `AudioReadError` with one line naming the file and the reason, so a dataset builder can skip or
 report it instead of dying in libsndfile. Resampling on read uses `resample_numpy`, the NumPy twin
-of `dsp.resample`, so loaders need not touch JAX.
+of `dsp.resample`, so loaders need not touch JAX. Paths may be remote (`gs://`, see
+`ldm_jax.paths`): libsndfile then reads and writes an in-memory copy of the file.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import uuid
 
 import numpy as np
 import soundfile as sf
 
+from ldm_jax import paths
 from ldm_jax.audio.resample import resample_numpy
 
 # Suffix -> (libsndfile format, default subtype for writing).
@@ -43,11 +46,11 @@ def _one_line(text: str) -> str:
 
 
 def _check_readable(path: str) -> None:
-    if not os.path.exists(path):
+    if not paths.exists(path):
         raise AudioReadError(f"{path}: no such file")
-    if os.path.isdir(path):
+    if paths.isdir(path):
         raise AudioReadError(f"{path}: is a directory, not an audio file")
-    if os.path.getsize(path) == 0:
+    if paths.getsize(path) == 0:
         raise AudioReadError(f"{path}: file is empty (0 bytes)")
     suffix = os.path.splitext(path)[1].lower()
     if suffix in _FORMATS:
@@ -60,7 +63,7 @@ def _check_readable(path: str) -> None:
 
 def _open(path: str) -> sf.SoundFile:
     try:
-        return sf.SoundFile(path)
+        return sf.SoundFile(io.BytesIO(paths.read_bytes(path)) if paths.is_remote(path) else path)
     except sf.LibsndfileError as e:
         raise AudioReadError(f"{path}: not a readable audio file "
                              f"({_one_line(e.error_string)})") from None
@@ -168,6 +171,11 @@ def write_audio(path: str | os.PathLike, audio, sample_rate: int,
         raise AudioWriteError(f"{path}: audio contains NaN or infinite samples")
     if subtype not in ("FLOAT", "DOUBLE"):
         audio = np.clip(audio, -1.0, 1.0)
+    if paths.is_remote(path):  # an object appears whole when written: no temporary name
+        buffer = io.BytesIO()
+        sf.write(buffer, audio, int(sample_rate), subtype=subtype, format=fmt)
+        paths.write_bytes(path, buffer.getvalue())
+        return
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     # A unique sibling name (not mkstemp, which would leave the file mode 0600).

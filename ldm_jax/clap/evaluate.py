@@ -10,12 +10,14 @@ section 3.1.4), for the attributes the synthetic generator records: instrument, 
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
 
+from ldm_jax import paths
 from ldm_jax.clap import model as clap_model
 from ldm_jax.clap.text import Tokenizer
 from ldm_jax.data import synthetic
@@ -252,8 +254,8 @@ def retrieve(workdir: str, data_dir: str, query: str, top: int = 5, split: str =
     model, run_cfg = _load(workdir, cfg, model)
     cache = os.path.join(workdir, f"embeddings_{split}.npz")
     emb = None
-    if os.path.isfile(cache):
-        stored = np.load(cache, allow_pickle=False)
+    if paths.isfile(cache):
+        stored = np.load(io.BytesIO(paths.read_bytes(cache)), allow_pickle=False)
         if int(stored["step"]) == model.step and str(stored["data"]) == data_dir:
             emb = {"audio": stored["audio"], "id": stored["id"].tolist(),
                    "caption": stored["caption"].tolist()}
@@ -262,8 +264,10 @@ def retrieve(workdir: str, data_dir: str, query: str, top: int = 5, split: str =
         emb = embed_split(model.params, run_cfg, source, model.tokenizer, model.embedders)
         emb.setdefault("id", [str(i) for i in range(len(emb["audio"]))])
         if jax.process_index() == 0:
-            np.savez(cache, audio=emb["audio"], id=np.array(emb["id"], str),
+            buffer = io.BytesIO()
+            np.savez(buffer, audio=emb["audio"], id=np.array(emb["id"], str),
                      caption=np.array(emb["caption"], str), step=model.step, data=data_dir)
+            paths.write_bytes(cache, buffer.getvalue())
     scores = emb["audio"] @ model.embed_text([query])[0]
     order = np.argsort(-scores, kind="stable")[:top]
     return [(str(emb["id"][i]), str(emb["caption"][i]), float(scores[i])) for i in order]

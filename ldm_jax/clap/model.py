@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from ldm_jax import paths
 from ldm_jax.clap.audio import AudioEncoder
 from ldm_jax.clap.text import ClapError, TextEncoder, Tokenizer
 
@@ -273,11 +274,10 @@ class ClapModel:
         from ldm_jax.checkpoint import Checkpointer
 
         path = os.path.join(workdir, CONFIG_FILE)
-        if not os.path.isfile(path):
+        if not paths.isfile(path):
             raise ClapError(f"no CLAP model in {workdir} (missing {CONFIG_FILE}); run "
                             "`ldm-jax train clap` first")
-        with open(path) as f:
-            cfg = ml_collections.ConfigDict(json.load(f))
+        cfg = ml_collections.ConfigDict(json.loads(paths.read_text(path)))
         tokenizer = Tokenizer.load(os.path.join(workdir, TOKENIZER_FILE))
         checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"))
         try:

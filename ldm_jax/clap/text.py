@@ -12,7 +12,6 @@ every token state sees the whole caption, and its token states are returned for 
 from __future__ import annotations
 
 import io
-import os
 from collections.abc import Iterable, Sequence
 
 import flax.linen as nn
@@ -21,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import sentencepiece as spm
 
+from ldm_jax import paths
 from ldm_jax.nn.attention import Transformer
 from ldm_jax.nn.embeddings import LearnedPositionEmbedding
 
@@ -45,10 +45,9 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str) -> Tokenizer:
-        if not os.path.isfile(path):
+        if not paths.isfile(path):
             raise TokenizerError(f"no tokenizer at {path}; run `ldm-jax tokenizer train` first")
-        with open(path, "rb") as f:
-            proto = f.read()
+        proto = paths.read_bytes(path)
         try:
             return cls(proto)
         except RuntimeError as e:
@@ -70,11 +69,7 @@ class Tokenizer:
         return cls(out.getvalue())
 
     def save(self, path: str):
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = path + ".tmp"
-        with open(tmp, "wb") as f:
-            f.write(self.model_proto)
-        os.replace(tmp, path)
+        paths.write_bytes(path, self.model_proto)
 
     @property
     def vocab_size(self) -> int:

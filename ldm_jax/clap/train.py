@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import zlib
 
 import jax
@@ -22,7 +21,7 @@ import numpy as np
 import optax
 
 from ldm_jax import config as config_lib
-from ldm_jax import loop, parallel
+from ldm_jax import loop, parallel, paths
 from ldm_jax.clap import model as clap_model
 from ldm_jax.clap.text import Tokenizer
 from ldm_jax.data import synthetic
@@ -212,12 +211,10 @@ def save_run_files(cfg, workdir: str, tokenizer_path: str):
     nothing else (written by process 0)."""
     if jax.process_index() != 0:
         return
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, clap_model.CONFIG_FILE), "w") as f:
-        f.write(config_lib.to_json(cfg))
+    paths.write_text(os.path.join(workdir, clap_model.CONFIG_FILE), config_lib.to_json(cfg))
     target = os.path.join(workdir, clap_model.TOKENIZER_FILE)
-    if os.path.abspath(tokenizer_path) != os.path.abspath(target):
-        shutil.copyfile(tokenizer_path, target)
+    if paths.resolve(tokenizer_path) != paths.resolve(target):
+        paths.copy_file(tokenizer_path, target)
 
 
 def train(cfg, workdir: str, data_dir: str, tokenizer_path: str, *, logdir: str | None = None

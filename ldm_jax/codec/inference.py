@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ldm_jax import paths
 from ldm_jax.checkpoint import MODEL_CONFIG, Checkpointer, CheckpointError
 from ldm_jax.codec import losses, quantize
 from ldm_jax.codec.model import Codec, CodecConfig, make_codec
@@ -22,7 +23,7 @@ from ldm_jax.codec.quantize import STATS, CodecError
 def codec_dir(path: str) -> str:
     """Accepts a workdir W (uses W/codec) or a codec directory itself."""
     for candidate in (path, os.path.join(path, "codec")):
-        if os.path.isfile(os.path.join(candidate, "checkpoints", MODEL_CONFIG)):
+        if paths.isfile(os.path.join(candidate, "checkpoints", MODEL_CONFIG)):
             return candidate
     raise CheckpointError(f"no trained codec in {path}: run `ldm-jax train codec --workdir W` or "
                           "`ldm-jax codec import-dac WEIGHTS.pth --out DIR` first")
@@ -72,8 +73,8 @@ def write_checkpoint(directory: str, config: CodecConfig, params, stats=None, st
 def load_trained(path: str, *, use_ema: bool = True) -> LoadedCodec:
     """The latest checkpoint of a codec directory (or of W/codec) as a LoadedCodec."""
     directory = codec_dir(path)
-    with open(os.path.join(directory, "checkpoints", MODEL_CONFIG)) as f:
-        config = CodecConfig.from_dict(json.load(f))
+    config = CodecConfig.from_dict(json.loads(
+        paths.read_text(os.path.join(directory, "checkpoints", MODEL_CONFIG))))
     ck = Checkpointer(os.path.join(directory, "checkpoints"))
     raw = ck.restore_raw()
     ck.close()

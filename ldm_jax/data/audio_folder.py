@@ -23,6 +23,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 import tqdm
 
+from ldm_jax import paths
 from ldm_jax.audio.io import AudioReadError, audio_info, read_audio
 from ldm_jax.data.tfds_common import (
     DataError,
@@ -227,6 +228,9 @@ def assign_splits(files: list[str], test_fraction: float) -> dict[str, list[str]
 
 def params_from_config(data_cfg) -> tuple[str, dict]:
     source = os.path.abspath(os.path.expanduser(str(data_cfg.source or "")))
+    if data_cfg.source and paths.is_remote(str(data_cfg.source)):
+        raise DataError(f"audio_folder reads a local folder, not {data_cfg.source}: copy it "
+                        "(gcloud storage cp -r) or mount the bucket (gcsfuse) and pass that path")
     if not data_cfg.source or not os.path.isdir(source):
         raise DataError(f"audio_folder needs a folder of audio files: set "
                         f"--config.data.source=FOLDER (got {data_cfg.source!r})")
@@ -281,8 +285,10 @@ def build_audio_folder(data_cfg, data_dir: str, *, overwrite: bool = False,
     max_samples = int(round(max_seconds * sample_rate)) if max_seconds > 0 else 0
     if workers is None:
         workers = 1 if len(audio) < MIN_FILES_FOR_WORKERS else max(1, min(os.cpu_count() or 1, 8))
-    os.makedirs(data_dir, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=data_dir, prefix=".audio_folder_cache.") as cache:
+    # Decoded clips wait beside the dataset, or in the system's temporary folder for a remote one.
+    local_dir = None if paths.is_remote(data_dir) else data_dir
+    paths.makedirs(data_dir)
+    with tempfile.TemporaryDirectory(dir=local_dir, prefix=".audio_folder_cache.") as cache:
         cached = {rel: os.path.join(cache, f"{i:08d}.npy") for i, rel in enumerate(audio)}
         jobs = [(source, rel, cached[rel], sample_rate, channels, max_samples) for rel in audio]
         results = _map(load_clip, jobs, workers, progress, "reading audio")

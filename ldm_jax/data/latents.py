@@ -19,7 +19,7 @@ the same parameters is recognised without loading the codec.
 from __future__ import annotations
 
 import dataclasses
-import glob
+import fnmatch
 import json
 import math
 import os
@@ -28,7 +28,7 @@ import time
 
 import numpy as np
 
-from ldm_jax import parallel
+from ldm_jax import parallel, paths
 from ldm_jax.data import DataError
 
 NAME = "latents"
@@ -146,7 +146,7 @@ def is_complete(latents_dir: str) -> bool:
     """Whether LATENTS_DIR holds a finished latents dataset with its statistics."""
     from ldm_jax.data.tfds_common import dataset_path
 
-    return os.path.isfile(os.path.join(latents_dir, STATS_FILE)) and os.path.isfile(
+    return paths.isfile(os.path.join(latents_dir, STATS_FILE)) and paths.isfile(
         os.path.join(dataset_path(latents_dir, NAME), "dataset_info.json"))
 
 
@@ -157,17 +157,15 @@ def read_stats(latents_dir: str) -> LatentStats:
       DataError: LATENTS_DIR holds no complete latents dataset.
     """
     path = os.path.join(latents_dir, STATS_FILE)
-    if not os.path.isfile(path):
+    if not paths.isfile(path):
         raise DataError(f"no latents statistics in {latents_dir}; run `ldm-jax latents encode` "
                         "first")
-    with open(path) as f:
-        return LatentStats.from_dict(json.load(f))
+    return LatentStats.from_dict(json.loads(paths.read_text(path)))
 
 
 def read_metadata(latents_dir: str) -> dict:
     """`stats.json` as written: statistics plus `latent`, `codec_step`, `source`, `data_dir`."""
-    with open(os.path.join(latents_dir, STATS_FILE)) as f:
-        return json.load(f)
+    return json.loads(paths.read_text(os.path.join(latents_dir, STATS_FILE)))
 
 
 def _source_features(data_dir: str, name: str) -> dict:
@@ -193,8 +191,7 @@ def _codec_fingerprint(codec_path: str) -> dict:
     from ldm_jax.codec.inference import codec_dir
 
     directory = codec_dir(codec_path)
-    with open(os.path.join(directory, "checkpoints", MODEL_CONFIG)) as f:
-        config = json.load(f)
+    config = json.loads(paths.read_text(os.path.join(directory, "checkpoints", MODEL_CONFIG)))
     ck = Checkpointer(os.path.join(directory, "checkpoints"))
     step = ck.latest_step()
     ck.close()
@@ -253,17 +250,13 @@ def _part_dir(out_dir: str, split: str, index: int, count: int) -> str:
 
 def _read_json(path: str):
     try:
-        with open(path) as f:
-            return json.load(f)
+        return json.loads(paths.read_text(path))
     except (OSError, ValueError):
         return None
 
 
 def _write_json(path: str, value):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=1)
-    os.replace(tmp, path)
+    paths.write_text(path, json.dumps(value, indent=1))
 
 
 def _part_complete(part: str, params: dict, train: bool) -> bool:
@@ -273,7 +266,7 @@ def _part_complete(part: str, params: dict, train: bool) -> bool:
     if marker is not None:
         return marker.get("params") == _normalise(params)
     metadata = _read_json(os.path.join(dataset_path(part, NAME), "metadata.json"))
-    if not os.path.isfile(os.path.join(dataset_path(part, NAME), "dataset_info.json")) or \
+    if not paths.isfile(os.path.join(dataset_path(part, NAME), "dataset_info.json")) or \
             metadata is None or metadata.get("params") != _normalise(params):
         return False
     return not train or _read_json(os.path.join(part, MOMENTS_FILE)) is not None
@@ -291,9 +284,8 @@ def _encode_part(part: str, *, loaded, source, indices: list[int], split: str, p
     from ldm_jax.audio.dsp import resample_numpy
     from ldm_jax.data.tfds_common import SplitSpec, write_dataset
 
-    if os.path.isdir(part):
-        shutil.rmtree(part)
-    os.makedirs(part)
+    paths.rmtree(part)
+    paths.makedirs(part)
     if not indices:
         _write_json(os.path.join(part, EMPTY_FILE), {"params": _normalise(params)})
         return
@@ -323,6 +315,9 @@ def _encode_part(part: str, *, loaded, source, indices: list[int], split: str, p
 
 
 def _link_or_copy(src: str, dst: str):
+    if paths.is_remote(src) or paths.is_remote(dst):
+        paths.copy_file(src, dst)
+        return
     try:
         os.link(src, dst)
     except OSError:
@@ -335,20 +330,24 @@ def _merge(out_dir: str, parts: dict[str, list[str]], params: dict, summary: dic
     from ldm_jax.data.tfds_common import dataset_path
 
     final = dataset_path(out_dir, NAME)
-    tmp = os.path.join(os.path.dirname(final), "incomplete.merge")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    # On a disk the dataset is joined beside FINAL and renamed into place. An object store has no
+    # rename, so FINAL is written directly, dataset_info.json (what marks it complete) last.
+    remote = paths.is_remote(final)
+    tmp = final if remote else os.path.join(os.path.dirname(final), "incomplete.merge")
+    paths.rmtree(tmp)
+    paths.makedirs(tmp)
     template, split_infos = None, []
     for split, dirs in parts.items():
         files, lengths, num_bytes = [], [], 0
         for part in dirs:
-            if os.path.isfile(os.path.join(part, EMPTY_FILE)):
+            if paths.isfile(os.path.join(part, EMPTY_FILE)):
                 continue
             path = dataset_path(part, NAME)
             info = _read_json(os.path.join(path, "dataset_info.json"))
             template = template or (info, path)
             (entry,) = [s for s in info["splits"] if s["name"] == split]
-            shards = sorted(glob.glob(os.path.join(path, f"{NAME}-{split}.*-of-*")))
+            shards = [os.path.join(path, f) for f in paths.listdir(path)
+                      if fnmatch.fnmatch(f, f"{NAME}-{split}.*-of-*")]
             if len(shards) != len(entry["shardLengths"]):
                 raise DataError(f"latents part {part} is incomplete; delete it and encode again")
             files += shards
@@ -367,13 +366,12 @@ def _merge(out_dir: str, parts: dict[str, list[str]], params: dict, summary: dic
     info, path = template
     info = dict(info, splits=split_infos, description="Codec latents with captions and "
                 "attributes (ldm_jax.data.latents).")
-    _write_json(os.path.join(tmp, "dataset_info.json"), info)
-    shutil.copyfile(os.path.join(path, "features.json"), os.path.join(tmp, "features.json"))
+    paths.copy_file(os.path.join(path, "features.json"), os.path.join(tmp, "features.json"))
     _write_json(os.path.join(tmp, "metadata.json"), {
         "params": _normalise(params), "summary": _normalise(summary), "stats": stats})
-    if os.path.isdir(final):
-        shutil.rmtree(final)
-    os.rename(tmp, final)
+    _write_json(os.path.join(tmp, "dataset_info.json"), info)
+    if not remote:
+        paths.move_tree(tmp, final)
     return final
 
 
@@ -455,14 +453,14 @@ def encode_latents(codec_path: str, data_cfg, data_dir: str, out_dir: str, *,
                 moments.merge(_part_moments(part, dim))
             stats = {**moments.stats(loaded.config.frame_rate, loaded.sample_rate).to_dict(),
                      "latent": latent, "codec_step": codec["step"],
-                     "source": data_cfg.name, "data_dir": os.path.abspath(data_dir)}
+                     "source": data_cfg.name, "data_dir": paths.resolve(data_dir)}
             _merge(out_dir, parts, params, {"splits": splits}, stats)
             _write_stats_file(out_dir, stats)
-            shutil.rmtree(os.path.join(out_dir, PARTS_DIR), ignore_errors=True)
+            paths.rmtree(os.path.join(out_dir, PARTS_DIR))
     parallel.barrier("ldm_jax_latents_merged")
     if stats is None:
         merged = _read_json(os.path.join(out_dir, STATS_FILE))
-        if merged is None or not os.path.isdir(dataset_path(out_dir, NAME)):
+        if merged is None or not paths.isdir(dataset_path(out_dir, NAME)):
             return {**base, "already_built": False, "complete": False,
                     "seconds": round(time.time() - start, 2)}
         stats = merged

@@ -7,6 +7,10 @@ dataset in the ArrayRecord format, read by random access through `as_data_source
 `write_dataset` turns them into `DATA_DIR/NAME/VERSION/`, records the build parameters in the
 dataset metadata, and refuses to mix two builds with different parameters in one directory.
 `open_split` reads a split back as a sequence of dicts of numpy arrays and Python strings.
+
+DATA_DIR may be remote (`gs://`, see `ldm_jax.paths`): ArrayRecord writes local files only, so a
+remote dataset is built in a local directory and copied up, and it is read from a local copy
+fetched once (random access to single records over the network would starve training).
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -27,6 +30,7 @@ from array_record.python import array_record_module
 from tensorflow_datasets.core import writer as tfds_writer
 from tensorflow_datasets.core.utils import tqdm_utils
 
+from ldm_jax import paths
 from ldm_jax.data import DataError
 
 VERSION = "1.0.0"
@@ -64,17 +68,16 @@ def audio_feature(channels: int | None = None, dtype=np.float32) -> tfds.feature
 
 def dataset_path(data_dir: str, name: str) -> str:
     """Where `write_dataset` puts NAME: `DATA_DIR/NAME/VERSION`."""
-    return os.path.join(os.path.abspath(os.path.expanduser(data_dir)), name, VERSION)
+    return paths.join(paths.resolve(data_dir), name, VERSION)
 
 
 def _is_built(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "dataset_info.json"))
+    return paths.isfile(paths.join(path, "dataset_info.json"))
 
 
 def _read_metadata(path: str) -> dict:
     try:
-        with open(os.path.join(path, "metadata.json")) as f:
-            return json.load(f)
+        return json.loads(paths.read_text(paths.join(path, "metadata.json")))
     except (OSError, ValueError):
         return {}
 
@@ -103,14 +106,13 @@ def check_existing(name: str, data_dir: str, params: Mapping[str, Any], overwrit
     """
     path = dataset_path(data_dir, name)
     parent = os.path.dirname(path)
-    if os.path.isdir(parent):
+    if paths.isdir(parent):
         # Interrupted builds leave `incomplete.*` folders that TFDS never reuses.
-        for entry in os.listdir(parent):
+        for entry in paths.listdir(parent):
             if entry.startswith("incomplete."):
-                shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+                paths.rmtree(paths.join(parent, entry))
     if not _is_built(path):
-        if os.path.isdir(path):
-            shutil.rmtree(path)
+        paths.rmtree(path)
         return None
     metadata = _read_metadata(path)
     wanted = _normalise(params)
@@ -118,7 +120,7 @@ def check_existing(name: str, data_dir: str, params: Mapping[str, Any], overwrit
     if stored == wanted:
         return metadata
     if overwrite:
-        shutil.rmtree(path)
+        paths.rmtree(path)
         return None
     if isinstance(stored, dict):
         differ = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
@@ -215,9 +217,19 @@ def write_dataset(name: str, data_dir: str, *, features: Mapping[str, Any],
     Returns:
       The directory holding the dataset (`DATA_DIR/NAME/VERSION`).
     """
+    data_dir = paths.resolve(data_dir)
+    if paths.is_remote(data_dir):
+        # dataset_info.json goes up last: its presence is what marks a build complete.
+        os.makedirs(paths.cache_dir(), exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=paths.cache_dir(), prefix=".build.") as local:
+            built = write_dataset(name, local, features=features, splits=splits, params=params,
+                                  summary=summary, description=description, progress=progress)
+            target = dataset_path(data_dir, name)
+            paths.rmtree(target)
+            paths.copy_tree(built, target, last=("dataset_info.json",))
+        return target
     cls = type(_class_name(name), (_Builder,), {"name": name}, skip_registration=True)
     metadata = {"params": _normalise(params), "summary": _normalise(summary or {})}
-    data_dir = os.path.abspath(os.path.expanduser(data_dir))
     os.makedirs(data_dir, exist_ok=True)
     builder = cls(features=dict(features), splits=dict(splits), metadata=metadata,
                   description=description, progress=progress, data_dir=data_dir,
@@ -281,11 +293,14 @@ class SplitSource:
         return f"SplitSource({self.name}/{self.split}, {len(self)} examples)"
 
 
-def _load_builder(data_dir: str, name: str):
+def _load_builder(data_dir: str, name: str, local: bool = False):
+    """The TFDS builder of a built dataset; with `local`, of its local copy when remote."""
     path = dataset_path(data_dir, name)
     if not _is_built(path):
         raise DataError(f"no dataset {name} in {data_dir}; run `ldm-jax data build {name} "
                         f"--data-dir {data_dir}`")
+    if local:
+        path = paths.local_mirror(path, ("dataset_info.json", "metadata.json"))
     return tfds.builder_from_directory(path)
 
 
@@ -299,12 +314,13 @@ def open_split(data_dir: str, name: str, split: str) -> SplitSource:
 
     Returns:
       A SplitSource; `source[i]` is a dict whose audio is float32 `[time]` or
-      `[time, channels]`.
+      `[time, channels]`. A remote dataset is read from its local copy under
+      `paths.cache_dir()`, fetched on first use.
 
     Raises:
       DataError: the dataset or the split does not exist.
     """
-    builder = _load_builder(data_dir, name)
+    builder = _load_builder(data_dir, name, local=True)
     available = list(builder.info.splits.keys())
     base = split.split("[")[0]
     if base not in available:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Sequence
 
@@ -10,6 +11,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from ldm_jax import paths  # noqa: E402
 
 
 def log_mel_image(audio: np.ndarray, sample_rate: int, n_mels: int = 80) -> np.ndarray:
@@ -36,9 +39,7 @@ def save_log_mel_grid(path: str, audios: Sequence[np.ndarray], titles: Sequence[
         ax.tick_params(labelsize=7)
     axes[-1, 0].set_xlabel("seconds", fontsize=7)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def spectrogram_rgb(audio: np.ndarray, sample_rate: int) -> np.ndarray:
@@ -60,6 +61,16 @@ def save_curves(path: str, history: Sequence[dict], keys: Sequence[str], title: 
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=90)
+    _save(fig, path)
+
+
+def _save(fig, path: str):
+    """Writes FIG as a PNG to a local or remote (gs://) PATH and closes it."""
+    if paths.is_remote(path):
+        buffer = io.BytesIO()
+        fig.savefig(buffer, dpi=90, format="png")
+        paths.write_bytes(path, buffer.getvalue())
+    else:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        fig.savefig(path, dpi=90)
     plt.close(fig)

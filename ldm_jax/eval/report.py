@@ -15,6 +15,7 @@ import os
 
 import numpy as np
 
+from ldm_jax import paths
 from ldm_jax.eval import plots
 
 STAGE_CURVES = {
@@ -27,8 +28,7 @@ EVAL_FILES = {"codec": "codec/eval.json", "clap": "clap/eval.json",
 
 
 def _png_uri(path: str) -> str:
-    with open(path, "rb") as f:
-        return "data:image/png;base64," + base64.b64encode(f.read()).decode()
+    return "data:image/png;base64," + base64.b64encode(paths.read_bytes(path)).decode()
 
 
 def _wav_uri(audio: np.ndarray, sample_rate: int) -> str:
@@ -51,19 +51,18 @@ def _fmt(v) -> str:
 
 
 def _load_json(path: str):
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
+    if paths.exists(path):
+        return json.loads(paths.read_text(path))
     return None
 
 
 def write_report(workdir: str) -> str:
     """Writes `W/report.html` from whatever the stages left in W; returns its path."""
     from ldm_jax.loop import read_history
-    parts = [f"<h1>ldm_jax experiment</h1><p>{html.escape(os.path.abspath(workdir))}</p>"]
+    parts = [f"<h1>ldm_jax experiment</h1><p>{html.escape(paths.resolve(workdir))}</p>"]
     stage_dir = os.path.join(workdir, "stages")
     figures = os.path.join(workdir, "logs", "figures")
-    names = sorted(os.listdir(stage_dir)) if os.path.isdir(stage_dir) else []
+    names = paths.listdir(stage_dir) if paths.isdir(stage_dir) else []
     records = {n[:-5]: _load_json(os.path.join(stage_dir, n)) for n in names
                if n.endswith(".json")}
     order = ["data", "tokenizer", "codec", "codec_eval", "latents", "clap", "clap_eval", "ldm",
@@ -88,9 +87,7 @@ def write_report(workdir: str) -> str:
             "table{border-collapse:collapse}td{border:1px solid #ccc;padding:2px 8px}"
             "img{max-width:100%}</style></head><body>" + body + "</body></html>")
     path = os.path.join(workdir, "report.html")
-    with open(path + ".tmp", "w") as f:
-        f.write(page)
-    os.replace(path + ".tmp", path)
+    paths.write_text(path, page)
     return path
 
 
@@ -102,9 +99,10 @@ def _samples_section(workdir: str, figures: str) -> str:
     parts = ["<h2>generated samples</h2>"]
     for i, item in enumerate(index):
         wav = os.path.join(workdir, "samples", item["file"])
-        if not os.path.exists(wav):
+        if not paths.exists(wav):
             continue
-        audio, sr = sf.read(wav, dtype="float32")
+        audio, sr = sf.read(io.BytesIO(paths.read_bytes(wav)) if paths.is_remote(wav) else wav,
+                            dtype="float32")
         png = os.path.join(figures, f"sample_{i}.png")
         plots.save_log_mel_grid(png, [audio], [item.get("prompt", "")], sr)
         parts.append(f"<h3>{html.escape(item.get('prompt', ''))}</h3>"
