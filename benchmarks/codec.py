@@ -4,61 +4,35 @@
     python benchmarks/codec.py --config codec:dac_44khz --batch 72 --json out.json   # accelerator
     python benchmarks/codec.py --workdir W --opus --json out.json   # trained codec vs Opus
 
-Timing: the first call (compile) is reported separately; then the median of `--repeats` calls,
-each synchronised with `block_until_ready`. The Opus comparison encodes the same test clips with
-`opusenc` / `opusdec` (Debian's opus-tools) at the codec's bitrate (Opus's 6 kbps floor where the
-codec is below it) and at double that, and scores both with `ldm_jax.codec.inference.evaluate`'s
-metrics.
+Speed is `benchmarks.run.bench_codec` (`ldm-jax bench codec`): compile time apart, one untimed
+call, then the median of `--repeats` calls, each synchronised with `block_until_ready`. The
+Opus comparison encodes the same test clips with `opusenc` / `opusdec` (Debian's opus-tools) at
+the codec's bitrate (Opus's 6 kbps floor where the codec is below it) and at double that, and
+scores both with `ldm_jax.codec.inference.evaluate`'s metrics.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from timing import timed, timed_steps  # benchmarks/timing.py (scripts run from this folder)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks import hardware, run  # noqa: E402
 
 
-def bench_speed(cfg, batch: int, repeats: int) -> dict:
-    from ldm_jax.codec import train as codec_train
-    from ldm_jax.codec.model import Codec, make_codec
-    n = codec_train.crop_samples(cfg)
-    sr = cfg.model.sample_rate
-    init = jax.jit(functools.partial(codec_train.init_state, cfg, crop_samples=n))
-    state = init(jax.random.key(0))
-    rng = np.random.default_rng(0)
-    audio = (0.1 * rng.standard_normal((batch, n, cfg.model.channels))).astype(np.float32)
-    step = jax.jit(functools.partial(codec_train.train_step, cfg=cfg), donate_argnums=(0,))
-    batch_arrays = {"audio": jnp.asarray(audio)}
-    state, step_compile, step_s = timed_steps(step, state, batch_arrays, jax.random.key(1),
-                                              repeats=repeats)
-
-    codec = make_codec(cfg.model)
-    variables = {"params": state["params"]}
-    if state["stats"]:
-        variables["codebook_stats"] = state["stats"]
-    seconds = 10.0
-    clip = jnp.asarray(0.1 * rng.standard_normal((1, int(seconds * sr), cfg.model.channels)),
-                       jnp.float32)
-    encode = jax.jit(lambda v, x: codec.apply(v, x, method=Codec.encode)[0])
-    decode = jax.jit(lambda v, z: codec.apply(v, z, method=Codec.decode))
-    z, enc_compile, enc_s = timed(encode, variables, clip, repeats=repeats)
-    _, dec_compile, dec_s = timed(decode, variables, z, repeats=repeats)
-    return {"batch": batch, "crop_seconds": n / sr, "train_step_s": step_s,
-            "train_step_compile_s": step_compile, "clips_per_s": batch / step_s,
-            "encode_rtf": seconds / enc_s, "decode_rtf": seconds / dec_s,
-            "encode_compile_s": enc_compile, "decode_compile_s": dec_compile}
+def bench_speed(preset: str, overrides, batch: int | None, repeats: int) -> dict:
+    """`benchmarks.run.bench_codec`: train step, clips/s, 10 s encode / decode RTF."""
+    return run.bench_codec(run.Options(preset=preset, overrides=tuple(overrides), batch=batch,
+                                       repeats=repeats))
 
 
 def _opus_roundtrip(audio: np.ndarray, sr: int, kbps: float, tmp: str) -> np.ndarray:
@@ -104,7 +78,6 @@ def bench_opus(workdir: str, data_dir: str | None, max_clips: int) -> dict:
 
 
 def main(argv=None):
-    from ldm_jax import config as config_lib
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="codec_tiny")
     p.add_argument("--batch", type=int, default=None)
@@ -117,13 +90,9 @@ def main(argv=None):
     p.add_argument("--json", default=None)
     args, overrides = p.parse_known_args(argv)
     overrides = [o.removeprefix("--config.") for o in overrides]
-    cfg = config_lib.get_config(args.config, overrides)
-    result = {"command": " ".join(sys.argv), "config": args.config,
-              "device": str(jax.devices()[0]), "device_count": jax.device_count(),
-              "jax": jax.__version__, "python": platform.python_version(),
-              "date": time.strftime("%Y-%m-%d")}
+    result = {"command": " ".join(sys.argv), "config": args.config, **hardware.environment()}
     if not args.skip_speed:
-        result["speed"] = bench_speed(cfg, args.batch or cfg.train.batch_size, args.repeats)
+        result["speed"] = bench_speed(args.config, overrides, args.batch, args.repeats)
     if args.opus:
         if not args.workdir:
             p.error("--opus needs --workdir W with a trained codec")

@@ -28,7 +28,8 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 
-from ldm_jax.data import builders, pipeline  # noqa: E402
+from benchmarks import hardware, run  # noqa: E402
+from ldm_jax.data import builders  # noqa: E402
 
 
 def data_config(args) -> ml_collections.ConfigDict:
@@ -38,32 +39,12 @@ def data_config(args) -> ml_collections.ConfigDict:
         crop_seconds=1.0, shuffle_seed=0, worker_count=0, worker_buffer_size=2))
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def measure(source, cfg, *, batch_size, crop_seconds, workers, batches, warmup) -> dict:
     """Times `batches` batches after `warmup` batches (worker start-up is in the warm-up)."""
-    it = pipeline.make_iterator(source, cfg, batch_size=batch_size, seed=0, process_index=0,
-                                process_count=1, crop_seconds=crop_seconds,
-                                worker_count=workers, fields=("audio", "caption"))
-    for _ in range(warmup):
-        next(it)
-    start = time.perf_counter()
-    nbytes = 0
-    for _ in range(batches):
-        batch = next(it)
-        nbytes += batch["audio"].nbytes
-    elapsed = time.perf_counter() - start
-    if hasattr(it, "close"):
-        it.close()
+    times, nbytes = run.pipeline_batch_times(source, cfg, batch_size=batch_size,
+                                             crop_seconds=crop_seconds, workers=workers,
+                                             batches=batches, warmup=warmup)
+    elapsed = sum(times)
     clips = batches * batch_size
     return {"crop_seconds": crop_seconds, "workers": workers, "batch_size": batch_size,
             "batches": batches, "seconds": round(elapsed, 3),
@@ -110,7 +91,7 @@ def main(argv=None) -> list[dict]:
         report = {
             "benchmark": "data_pipeline",
             "date": datetime.date.today().isoformat(),
-            "machine": {"platform": platform.platform(), "processor": cpu_model(),
+            "machine": {"platform": platform.platform(), "processor": hardware.cpu_model(),
                         "cpu_count": os.cpu_count(),
                         # Other work on the machine skews throughput; record how busy it was.
                         "load_average_1m": round(load, 1)},

@@ -11,11 +11,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import time
 from collections.abc import Callable
 
 from ldm_jax import config as config_lib
+from ldm_jax import paths
 
 
 class StaleStage(RuntimeError):
@@ -86,10 +86,9 @@ def stale_stages(stages: list[Stage], cfg, workdir: str) -> dict[str, list[str]]
     stale = {}
     for stage in stages:
         path = _record_path(workdir, stage.name)
-        if not os.path.exists(path):
+        if not paths.exists(path):
             continue
-        with open(path) as f:
-            recorded = json.load(f).get("config", {})
+        recorded = json.loads(paths.read_text(path)).get("config", {})
         diffs = config_differences(recorded, fingerprint(cfg, stage))
         if diffs:
             stale[stage.name] = diffs
@@ -119,7 +118,7 @@ def run_chain(stages: list[Stage], cfg, workdir: str, *, only: list[str] | None 
     if unknown:
         raise config_lib.ConfigError(f"unknown stage(s) {', '.join(unknown)}; the chain is "
                                      f"{' -> '.join(names)}")
-    os.makedirs(os.path.join(workdir, "stages"), exist_ok=True)
+    paths.makedirs(os.path.join(workdir, "stages"))
     print_fn = print_fn if _is_leader() else (lambda *a, **k: None)
     stale = stale_stages(stages, cfg, workdir)
     if stale:
@@ -134,22 +133,19 @@ def run_chain(stages: list[Stage], cfg, workdir: str, *, only: list[str] | None 
         by_name = {s.name: s for s in stages}
         for name in (affected if _is_leader() else []):
             for out in by_name[name].outputs:
-                shutil.rmtree(os.path.join(workdir, out), ignore_errors=True)
-            if os.path.exists(_record_path(workdir, name)):
-                os.remove(_record_path(workdir, name))
+                paths.rmtree(os.path.join(workdir, out))
+            paths.remove(_record_path(workdir, name))
         print_fn(f"re-running stale stages: {', '.join(affected)}")
     if _is_leader():
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config_lib.to_json(cfg))
+        paths.write_text(os.path.join(workdir, "config.json"), config_lib.to_json(cfg))
     _barrier("start")
     summaries = {}
     for stage in stages:
         if only and stage.name not in only:
             continue
         record = _record_path(workdir, stage.name)
-        if stage.done(cfg, workdir) and os.path.exists(record):
-            with open(record) as f:
-                summaries[stage.name] = json.load(f).get("summary", {})
+        if stage.done(cfg, workdir) and paths.exists(record):
+            summaries[stage.name] = json.loads(paths.read_text(record)).get("summary", {})
             print_fn(f"[{stage.name}] complete, skipped")
             continue
         print_fn(f"[{stage.name}] running")
@@ -160,11 +156,8 @@ def run_chain(stages: list[Stage], cfg, workdir: str, *, only: list[str] | None 
         summary = dict(summary, seconds=round(time.time() - start, 1))
         summaries[stage.name] = summary
         if _is_leader():
-            tmp = record + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump({"config": fingerprint(cfg, stage), "summary": summary}, f, indent=2,
-                          default=str)
-            os.replace(tmp, record)
+            paths.write_text(record, json.dumps({"config": fingerprint(cfg, stage),
+                                                 "summary": summary}, indent=2, default=str))
         _barrier(stage.name)
         print_fn(f"[{stage.name}] done in {summary['seconds']:.0f} s")
     return summaries
@@ -173,7 +166,7 @@ def run_chain(stages: list[Stage], cfg, workdir: str, *, only: list[str] | None 
 # ------------------------------------------------------------------------------- the stages
 
 def data_dir(cfg, workdir: str) -> str:
-    return os.path.abspath(cfg.data.data_dir or os.path.join(workdir, "data"))
+    return paths.resolve(cfg.data.data_dir or os.path.join(workdir, "data"))
 
 
 def tokenizer_path(cfg, workdir: str) -> str:
@@ -196,7 +189,7 @@ def _data_run(cfg, workdir):
 
 
 def _tokenizer_done(cfg, workdir):
-    return os.path.isfile(tokenizer_path(cfg, workdir))
+    return paths.isfile(tokenizer_path(cfg, workdir))
 
 
 def _tokenizer_run(cfg, workdir):
@@ -213,7 +206,7 @@ def _tokenizer_run(cfg, workdir):
 def _stage_steps_done(cfg, workdir, name):
     from ldm_jax.checkpoint import Checkpointer
     directory = os.path.join(workdir, name, "checkpoints")
-    if not os.path.isdir(directory):
+    if not paths.isdir(directory):
         return False
     ck = Checkpointer(directory)
     step = ck.latest_step()
@@ -231,7 +224,7 @@ def _codec_run(cfg, workdir):
 
 
 def _codec_eval_done(cfg, workdir):
-    return os.path.isfile(os.path.join(workdir, "codec", "eval.json"))
+    return paths.isfile(os.path.join(workdir, "codec", "eval.json"))
 
 
 def _codec_eval_run(cfg, workdir):
@@ -242,8 +235,7 @@ def _codec_eval_run(cfg, workdir):
     n = min(len(source), cfg.codec.eval.num_examples)
     clips = [source[i]["audio"] for i in range(n)]
     result = inference.evaluate(loaded, clips, batch_size=cfg.codec.eval.batch_size)
-    with open(os.path.join(workdir, "codec", "eval.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    paths.write_text(os.path.join(workdir, "codec", "eval.json"), json.dumps(result, indent=2))
     return result
 
 
@@ -258,14 +250,13 @@ def _clap_run(cfg, workdir):
 
 
 def _clap_eval_done(cfg, workdir):
-    return os.path.isfile(os.path.join(workdir, "clap", "eval.json"))
+    return paths.isfile(os.path.join(workdir, "clap", "eval.json"))
 
 
 def _clap_eval_run(cfg, workdir):
     from ldm_jax.clap import evaluate as clap_eval
     result = clap_eval.evaluate(None, os.path.join(workdir, "clap"), data_dir(cfg, workdir))
-    with open(os.path.join(workdir, "clap", "eval.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    paths.write_text(os.path.join(workdir, "clap", "eval.json"), json.dumps(result, indent=2))
     keys = ("text_to_audio/recall_at_10", "zero_shot/instrument", "chance/recall_at_10",
             "chance/zero_shot/instrument")
     return {k: result[k] for k in keys if k in result}
@@ -295,7 +286,7 @@ def _ldm_run(cfg, workdir):
 
 
 def _samples_done(cfg, workdir):
-    return os.path.isfile(os.path.join(workdir, "samples", "samples.json"))
+    return paths.isfile(os.path.join(workdir, "samples", "samples.json"))
 
 
 def _samples_run(cfg, workdir):
@@ -308,19 +299,19 @@ def _samples_run(cfg, workdir):
 
 
 def _generation_eval_done(cfg, workdir):
-    return os.path.isfile(os.path.join(workdir, "samples", "eval.json"))
+    return paths.isfile(os.path.join(workdir, "samples", "eval.json"))
 
 
 def _generation_eval_run(cfg, workdir):
     from ldm_jax.eval import generation
     e = cfg.ldm.eval
+    out = os.path.join(workdir, "samples", "eval.json")
     result = generation.evaluate_generation(
         workdir, os.path.join(workdir, "latents"), num_prompts=e.num_prompts,
         seconds=e.seconds, steps=e.steps, sampler=e.sampler, cfg_scale=e.cfg_scale,
-        seed=e.seed, batch_size=e.batch_size,
-        out_path=os.path.join(workdir, "samples", "eval.json"))
-    keys = ("fd_clap", "clap_score", "generated/key_accuracy", "generated/tempo_accuracy",
-            "chance/key_accuracy", "chance/tempo_accuracy")
+        seed=e.seed, batch_size=e.batch_size, out_path=out)
+    keys = ("fd_clap", "untrained/fd_clap", "clap_score", "generated/key_accuracy",
+            "generated/tempo_accuracy", "chance/key_accuracy", "chance/tempo_accuracy")
     return {k: result[k] for k in keys if k in result}
 
 

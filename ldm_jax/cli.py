@@ -12,6 +12,7 @@ import os
 import sys
 
 from ldm_jax import config as config_lib
+from ldm_jax import paths
 
 EPILOG = ("Config: --config FILE[:ARG] selects an experiment (a path or an embedded name such as "
           "`tiny`); --config.SECTION.KEY=VALUE overrides one field.")
@@ -43,7 +44,7 @@ def _data_dir(args, cfg) -> str:
         os.path.join(args.workdir, "data") if getattr(args, "workdir", None) else "")
     if not path:
         raise config_lib.ConfigError("say where the data is: --data-dir D or --workdir W")
-    return os.path.abspath(path)
+    return paths.resolve(path)
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -53,7 +54,7 @@ def cmd_data_build(args, cfg):
     with cfg.unlocked():
         cfg.data.name = args.name
         if args.source:
-            cfg.data.source = os.path.abspath(args.source)
+            cfg.data.source = paths.resolve(args.source)
     if args.name == "audio_folder" and not cfg.data.source:
         raise config_lib.ConfigError("audio_folder needs --source FOLDER (or --config.data.source)")
     summary = builders.build(args.name, cfg.data, _data_dir(args, cfg), overwrite=args.overwrite)
@@ -84,9 +85,7 @@ def _print_json(result: dict, path: str | None):
     text = json.dumps(result, indent=2)
     print(text)
     if path:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as f:
-            f.write(text + "\n")
+        paths.write_text(path, text + "\n")
 
 
 def _fmt(v):
@@ -128,7 +127,7 @@ def stage_config(cfg, stage: str):
 def _require_workdir(args) -> str:
     if not args.workdir:
         raise config_lib.ConfigError("say where the experiment lives: --workdir W")
-    return os.path.abspath(args.workdir)
+    return paths.resolve(args.workdir)
 
 
 def cmd_train_codec(args, cfg):
@@ -218,7 +217,7 @@ def cmd_codec_import_dac(args, cfg):
 def _tokenizer_path(args, cfg, workdir: str) -> str:
     path = getattr(args, "tokenizer", None) or cfg.tokenizer.path or \
         os.path.join(workdir, "tokenizer", "spm.model")
-    if not os.path.isfile(path):
+    if not paths.isfile(path):
         raise config_lib.ConfigError(f"no tokenizer at {path}: run `ldm-jax tokenizer train "
                                      f"--workdir {workdir}` first or pass --tokenizer")
     return path
@@ -237,7 +236,7 @@ def cmd_train_clap(args, cfg):
 
 def _clap_dir(args) -> str:
     workdir = _require_workdir(args)
-    return os.path.join(workdir, "clap") if os.path.isdir(os.path.join(workdir, "clap")) \
+    return os.path.join(workdir, "clap") if paths.isdir(os.path.join(workdir, "clap")) \
         else workdir
 
 
@@ -268,7 +267,7 @@ def cmd_latents_encode(args, cfg):
     if not out:
         raise config_lib.ConfigError("say where to write the latents: --out DIR or --workdir W")
     summary = latents.encode_latents(args.codec or _require_workdir(args), stage.data,
-                                     _data_dir(args, stage), os.path.abspath(out),
+                                     _data_dir(args, stage), paths.resolve(out),
                                      overwrite=args.overwrite)
     print(f"latents: {summary.get('path', out)} {summary.get('splits', {})}, "
           f"{summary.get('latent_dim')} channels at {summary.get('frame_rate')} frames/s, "
@@ -326,7 +325,7 @@ def cmd_eval_generation(args, cfg):
         workdir, args.data or os.path.join(workdir, "latents"),
         num_prompts=args.num_prompts or e.num_prompts, seconds=e.seconds,
         steps=args.steps or e.steps, sampler=e.sampler, cfg_scale=e.cfg_scale, seed=e.seed,
-        batch_size=e.batch_size)
+        batch_size=e.batch_size, untrained=not args.no_untrained)
     _print_json(result, args.json)
 
 
@@ -343,7 +342,7 @@ def cmd_run(args, cfg):
 
 def cmd_demo(args, cfg):
     from ldm_jax import chain
-    workdir = os.path.abspath(args.workdir or os.path.join("runs", "demo"))
+    workdir = paths.resolve(args.workdir or os.path.join("runs", "demo"))
     print(f"ldm-jax demo: the embedded tiny experiment into {workdir} (CPU, tiny models)")
     chain.run_chain(chain.default_stages(), cfg, workdir, rerun_stale=args.rerun_stale)
     _print_outputs(workdir)
@@ -351,12 +350,64 @@ def cmd_demo(args, cfg):
 
 def _print_outputs(workdir: str):
     samples = os.path.join(workdir, "samples")
-    if os.path.isdir(samples):
-        wavs = sorted(f for f in os.listdir(samples) if f.endswith(".wav"))
+    if paths.isdir(samples):
+        wavs = [f for f in paths.listdir(samples) if f.endswith(".wav")]
         print(f"samples: {samples} ({len(wavs)} WAV files)")
     report = os.path.join(workdir, "report.html")
-    if os.path.exists(report):
+    if paths.exists(report):
         print(f"report:  {report}")
+
+
+# ---------------------------------------------------------------------------------- benchmarks
+
+def _benchmarks():
+    """`benchmarks.run`: installed, or beside `ldm_jax/` in a source checkout."""
+    import importlib
+    try:
+        return importlib.import_module("benchmarks.run")
+    except ModuleNotFoundError as e:
+        if e.name not in ("benchmarks", "benchmarks.run"):
+            raise
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        if os.path.isfile(os.path.join(root, "benchmarks", "run.py")) and root not in sys.path:
+            sys.path.insert(0, root)
+            return importlib.import_module("benchmarks.run")
+        raise config_lib.ConfigError("the benchmarks package is not importable: run `ldm-jax "
+                                     "bench` from a source checkout (pip install -e .)") from e
+
+
+def _xla_options(items) -> dict | None:
+    import ast
+    options = {}
+    for item in items or ():
+        name, sep, text = item.partition("=")
+        if not sep or not name:
+            raise config_lib.ConfigError(f"--xla-option {item!r}: write NAME=VALUE")
+        low = text.lower()
+        if low in ("true", "false"):
+            options[name] = low == "true"
+        else:
+            try:
+                options[name] = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                options[name] = text
+    return options or None
+
+
+def cmd_bench(args, cfg):
+    bench = _benchmarks()
+    opts = bench.Options(
+        preset=args.preset, overrides=tuple(args.overrides), batch=args.batch,
+        repeats=args.repeats, peak_tflops=args.peak_tflops, seconds=args.seconds,
+        max_batch=args.max_batch, steps=args.steps, sampler=args.sampler, dtype=args.dtype,
+        remat=None if args.remat is None else args.remat == "on", frame_rate=args.frame_rate,
+        codec=args.codec, data_dir=args.data_dir, compiler_options=_xla_options(args.xla_option))
+    result = bench.run_all(opts) if args.target == "all" else bench.run(args.target, opts)
+    for line in bench.summary(result):
+        print(line)
+    if args.json:
+        bench.write_json(result, args.json)
+        print(f"wrote {args.json}")
 
 
 # -------------------------------------------------------------------------------------- parser
@@ -474,6 +525,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="latents or data dir (default: W/latents)")
     p.add_argument("--num-prompts", type=int, default=None)
     p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--no-untrained", action="store_true",
+                   help="skip the baseline scores of the U-Net at initialisation")
     _add_config(p, default="ldm_tiny")
     p.set_defaults(func=cmd_eval_generation)
 
@@ -521,6 +574,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="codec directory to write")
     _add_config(p, workdir=False)
     p.set_defaults(func=cmd_codec_import_dac)
+
+    p = sub.add_parser(
+        "bench", help="benchmark a stage: step time, compile time, FLOPs, MFU, memory",
+        epilog="--config.SECTION.KEY=VALUE overrides a field of the preset. Results: "
+               "benchmarks/README.md.")
+    p.add_argument("target", choices=("data", "codec", "clap", "unet", "sample", "all"),
+                   help="what to measure; all: every target on its CPU-sized preset")
+    p.add_argument("--preset", default=None, metavar="FILE[:ARG]",
+                   help="experiment (default on CPU: tiny, codec_tiny, clap_tiny, ldm_tiny; on "
+                        "accelerators: tiny, codec:dac_44khz, clap_base, ldm_base)")
+    p.add_argument("--batch", type=int, default=None, help="default: the preset's batch size")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed calls (default 5 on CPU, 20 on accelerators; data: 40 batches; "
+                        "sample: 3 / 10)")
+    p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="device peak for MFU (default: the table of benchmarks/hardware.py; "
+                        "none on CPU)")
+    p.add_argument("--seconds", type=float, default=None,
+                   help="audio length for codec encode/decode and sampling (default 10; bench "
+                        "all samples 2 s)")
+    p.add_argument("--max-batch", type=int, default=None,
+                   help="sample: double the batch from 1 up to this or an out-of-memory error "
+                        "(default 4 on CPU, 64 on accelerators)")
+    p.add_argument("--steps", type=int, default=50, help="sample: sampler steps (default 50)")
+    p.add_argument("--sampler", default="dpmpp_2m", choices=("dpmpp_2m", "ddim", "euler", "ddpm"))
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
+                   help="override the model's compute dtype")
+    p.add_argument("--remat", default=None, choices=("on", "off"),
+                   help="override rematerialisation (CLAP, U-Net)")
+    p.add_argument("--frame-rate", type=float, default=None,
+                   help="unet/sample: latent frames per second (default: the paired codec's: "
+                        "ldm_tiny 400 (codec_tiny:vae), ldm_base 86.13 (codec:vae), a chain "
+                        "experiment's own codec)")
+    p.add_argument("--codec", default=None, metavar="FILE[:ARG]",
+                   help="unet/sample: the codec experiment paired with the LDM preset")
+    p.add_argument("--data-dir", default=None,
+                   help="data: a TFDS directory (default: a temporary build)")
+    p.add_argument("--xla-option", action="append", default=None, metavar="NAME=VALUE",
+                   help="XLA compiler option for every compilation (repeatable)")
+    p.set_defaults(func=cmd_bench, loads_config=False)
     return parser
 
 
@@ -546,7 +640,10 @@ def main(argv=None) -> int:
             parallel.initialize_distributed(args.coordinator, args.num_processes,
                                             args.process_id)
         spec = getattr(args, "experiment", None) or getattr(args, "config", None)
-        cfg = config_lib.get_config(spec, overrides)
+        if getattr(args, "loads_config", True):
+            cfg = config_lib.get_config(spec, overrides)
+        else:  # `bench` loads each target's preset itself
+            cfg, args.overrides = None, overrides
         args.func(args, cfg)
     except KeyboardInterrupt:
         print("ldm-jax: interrupted", file=sys.stderr)

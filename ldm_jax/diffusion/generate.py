@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from ldm_jax import paths
 from ldm_jax.diffusion import samplers
 from ldm_jax.diffusion import train as ldm_train
 from ldm_jax.diffusion.schedules import DiffusionError
@@ -38,8 +39,8 @@ SAMPLES_INDEX = "samples.json"
 def ldm_dir(workdir: str) -> str:
     """W/ldm, or WORKDIR itself when it is an LDM stage directory."""
     for candidate in (os.path.join(workdir, "ldm"), workdir):
-        if os.path.isfile(os.path.join(candidate, ldm_train.CONFIG_FILE)) and \
-                os.path.isdir(os.path.join(candidate, "checkpoints")):
+        if paths.isfile(os.path.join(candidate, ldm_train.CONFIG_FILE)) and \
+                paths.isdir(os.path.join(candidate, "checkpoints")):
             return candidate
     raise DiffusionError(f"no trained latent diffusion model in {workdir}; run `ldm-jax train "
                          "ldm --workdir W` first")
@@ -90,10 +91,9 @@ class Generator:
         from ldm_jax.data.latents import LatentStats
 
         directory = ldm_dir(workdir)
-        with open(os.path.join(directory, ldm_train.CONFIG_FILE)) as f:
-            cfg = ml_collections.ConfigDict(json.load(f))
-        with open(os.path.join(directory, ldm_train.STATS_FILE)) as f:
-            stats_dict = json.load(f)
+        cfg = ml_collections.ConfigDict(json.loads(
+            paths.read_text(os.path.join(directory, ldm_train.CONFIG_FILE))))
+        stats_dict = json.loads(paths.read_text(os.path.join(directory, ldm_train.STATS_FILE)))
         params, self.step = load_params(directory, use_ema)
         root = os.path.dirname(directory) if os.path.basename(directory) == "ldm" else workdir
         self._setup(cfg, params, codec=load_trained(root),
@@ -316,13 +316,13 @@ _GENERATORS: dict = {}
 
 def _checkpoint_step(workdir: str):
     directory = os.path.join(ldm_dir(workdir), "checkpoints")
-    steps = [int(d) for d in os.listdir(directory) if d.isdigit()]
+    steps = [int(d) for d in paths.listdir(directory) if d.isdigit()]
     return max(steps) if steps else None
 
 
 def get_generator(workdir: str, batch_size: int = 8) -> Generator:
     """A cached Generator for WORKDIR (reloaded when a newer LDM checkpoint appears)."""
-    key = (os.path.abspath(workdir), _checkpoint_step(workdir), int(batch_size))
+    key = (paths.resolve(workdir), _checkpoint_step(workdir), int(batch_size))
     if key not in _GENERATORS:
         _GENERATORS.clear()
         _GENERATORS[key] = Generator(workdir, batch_size=batch_size)
@@ -371,7 +371,7 @@ def write_samples(workdir: str, prompts: Sequence[str], *, seconds: float, seed:
 
     gen = generator or get_generator(workdir)
     out_dir = out_dir or os.path.join(workdir, SAMPLES_DIR)
-    os.makedirs(out_dir, exist_ok=True)
+    paths.makedirs(out_dir)
     prompts = list(prompts)
     seeds = [int(seed) + i for i in range(len(prompts))]
     audio = gen.generate(prompts, seconds=seconds, seed=seeds, progress=progress, **kwargs)
@@ -382,8 +382,5 @@ def write_samples(workdir: str, prompts: Sequence[str], *, seconds: float, seed:
     for item, clip in zip(index, audio):
         write_audio(os.path.join(out_dir, item["file"]), np.clip(clip, -1.0, 1.0),
                     gen.sample_rate)
-    path = os.path.join(out_dir, SAMPLES_INDEX)
-    with open(path + ".tmp", "w") as f:
-        json.dump(index, f, indent=1)
-    os.replace(path + ".tmp", path)
+    paths.write_text(os.path.join(out_dir, SAMPLES_INDEX), json.dumps(index, indent=1))
     return index

@@ -21,6 +21,7 @@ and MusicLDM (Chen et al. 2023):
 from __future__ import annotations
 
 import functools
+import io
 import json
 import logging
 import os
@@ -31,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ldm_jax import loop, parallel
+from ldm_jax import loop, parallel, paths
 from ldm_jax.diffusion import schedules
 from ldm_jax.diffusion.schedules import DiffusionError
 from ldm_jax.diffusion.unet import make_unet
@@ -341,10 +342,9 @@ def clip_embeddings(clap_model, source, latents_dir: str, cache: str) -> np.ndar
     from ldm_jax.data import builders, latents
 
     key = {"clap_step": clap_model.step, "examples": len(source)}
-    if os.path.isfile(cache) and os.path.isfile(cache + ".json"):
-        with open(cache + ".json") as f:
-            if json.load(f) == key:
-                return np.load(cache)
+    if paths.isfile(cache) and paths.isfile(cache + ".json"):
+        if json.loads(paths.read_text(cache + ".json")) == key:
+            return np.load(io.BytesIO(paths.read_bytes(cache)))
     meta = latents.read_metadata(latents_dir)
     audio = builders.open_split(meta["data_dir"], meta["source"], source.split)
     rate = int(builders.dataset_info(meta["data_dir"], meta["source"])["params"]["sample_rate"])
@@ -355,10 +355,10 @@ def clip_embeddings(clap_model, source, latents_dir: str, cache: str) -> np.ndar
         out.append(clap_model.embed_audio(clips, sample_rate=rate))
     embeddings = np.concatenate(out).astype(np.float32)
     if jax.process_index() == 0:
-        os.makedirs(os.path.dirname(cache), exist_ok=True)
-        np.save(cache, embeddings)
-        with open(cache + ".json", "w") as f:
-            json.dump(key, f)
+        buffer = io.BytesIO()
+        np.save(buffer, embeddings)
+        paths.write_bytes(cache, buffer.getvalue())
+        paths.write_text(cache + ".json", json.dumps(key))
     return embeddings
 
 
@@ -368,11 +368,9 @@ def save_run_files(cfg, workdir: str, stats, latent: str):
 
     if jax.process_index() != 0:
         return
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-        f.write(config_lib.to_json(cfg))
-    with open(os.path.join(workdir, STATS_FILE), "w") as f:
-        json.dump({**stats.to_dict(), "latent": latent}, f, indent=1)
+    paths.write_text(os.path.join(workdir, CONFIG_FILE), config_lib.to_json(cfg))
+    paths.write_text(os.path.join(workdir, STATS_FILE),
+                     json.dumps({**stats.to_dict(), "latent": latent}, indent=1))
 
 
 def train(cfg, workdir: str, latents_dir: str, clap_dir: str) -> loop.TrainResult:
