@@ -33,7 +33,12 @@ RULES: tuple[tuple[str, tuple | None], ...] = (
     (r".*/(out|proj_out)/kernel$", ("tensor", "fsdp")),
     (r".*/mlp/(fc1|wi)/kernel$", ("fsdp", "tensor")),
     (r".*/mlp/(fc2|wo)/kernel$", ("tensor", "fsdp")),
-    (r".*/(embedding|token_embedding)$", ("tensor", "fsdp")),
+    # Token tables: the vocabulary over fsdp. Sharding their width instead makes GSPMD run the
+    # whole text tower feature-sharded, with all-reduces of activations after every matmul.
+    (r".*/(embedding|token_embedding)$", ("fsdp", "tensor")),
+    # The diffusion timestep MLP works on [batch, features] vectors: with sharded kernels GSPMD
+    # shards its features and all-gathers the batch instead; replicated, it stays data-parallel.
+    (r".*(^|/)time_embed/fc[12]/kernel$", ()),
 )
 
 

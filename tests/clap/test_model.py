@@ -200,7 +200,7 @@ def test_partition_rules_match_tower_parameters(params):
     assert block["attn"]["out"]["kernel"].spec == P("tensor", "fsdp")
     assert block["mlp"]["fc1"]["kernel"].spec == P("fsdp", "tensor")
     assert block["mlp"]["fc2"]["kernel"].spec == P("tensor", "fsdp")
-    assert shardings["text"]["token_embedding"]["embedding"].spec == P("tensor", "fsdp")
+    assert shardings["text"]["token_embedding"]["embedding"].spec == P("fsdp", "tensor")
     assert isinstance(shardings["logit_scale"], NamedSharding)
     assert shardings["logit_scale"].spec == P()
 
