@@ -6,6 +6,8 @@
 - CLAP score: the mean cosine similarity between each generated clip's CLAP audio embedding and
   its prompt's text embedding (as reported by AudioLDM 2 and MusicLDM), with the same score on the
   real clips of the prompts as a reference.
+- The same scores for the U-Net at initialisation (`untrained/...`), sampled with the same noise
+  and decoded by the same codec: what training has to improve on.
 - Prompt adherence by signal analysis that shares nothing with the models (`eval.music`): key,
   mode, tempo and loudness class of each generated clip against the attributes of the test example
   its prompt was taken from; the same analysis of the real test clips gives the analyser's own
@@ -16,11 +18,11 @@
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import scipy.linalg
 
+from ldm_jax import paths
 from ldm_jax.eval import music
 
 ATTRIBUTES = ("key", "mode", "tempo_bpm", "loudness", "loudness_db", "instrument", "pattern")
@@ -128,11 +130,38 @@ def _analyse_all(clips, sample_rate, progress, desc):
                                                        leave=False)]
 
 
+def _mono(audio):
+    return [a if a.ndim == 1 else a.mean(-1) for a in audio]
+
+
+def _untrained_scores(gen, prompts, references, real_emb, text_emb, settings) -> dict:
+    """`untrained/...` scores: the same generation with the U-Net's initial parameters."""
+    import jax
+
+    from ldm_jax.diffusion import train as ldm_train
+
+    init = jax.jit(lambda rng: ldm_train.init_state(gen.cfg, rng)["params"])
+    trained = gen.params
+    gen.params = init(jax.random.key(int(settings["seed"])))
+    try:
+        audio = _mono(gen.generate(prompts, **settings))
+    finally:
+        gen.params = trained
+    emb = gen.clap.embed_audio(audio, sample_rate=gen.sample_rate)
+    out = {"untrained/fd_clap": frechet_distance(real_emb, emb),
+           "untrained/clap_score": clap_score(emb, text_emb)}
+    scores = music.adherence(_analyse_all(audio, gen.sample_rate, settings["progress"],
+                                          "analyse untrained"), references)
+    out.update({f"untrained/{k}": v for k, v in scores.items() if not k.startswith("n_")})
+    return out
+
+
 def evaluate_generation(workdir: str, data_dir_or_latents: str, *, num_prompts: int = 32,
                         seconds: float | None = None, steps: int = 50,
                         sampler: str = "dpmpp_2m", cfg_scale: float = 3.0, seed: int = 0,
                         batch_size: int = 8, split: str = "test", generator=None,
-                        out_path: str | None = None, progress: bool = True) -> dict:
+                        untrained: bool = True, out_path: str | None = None,
+                        progress: bool = True) -> dict:
     """Generates audio for test prompts and scores it.
 
     Args:
@@ -145,6 +174,7 @@ def evaluate_generation(workdir: str, data_dir_or_latents: str, *, num_prompts: 
       batch_size: prompts generated together.
       split: which split's prompts.
       generator: a `generate.Generator` to reuse (default: loaded from W).
+      untrained: also score the U-Net at initialisation (seeded with `seed`) as a baseline.
       out_path: also write the result there as JSON (e.g. W/samples/eval.json).
       progress: show progress bars.
 
@@ -153,7 +183,8 @@ def evaluate_generation(workdir: str, data_dir_or_latents: str, *, num_prompts: 
       `clap_score_real`; for generated clips (`generated/...`), real clips (`real/...`) and
       chance (`chance/...`): key_accuracy, mode_accuracy, key_mode_accuracy, tempo_accuracy
       (within 8%), tempo_octave_accuracy (also at half or double tempo), loudness_accuracy; and
-      the counts of scored prompts.
+      the counts of scored prompts; with `untrained`, `untrained/fd_clap`,
+      `untrained/clap_score` and the untrained model's adherence (`untrained/key_accuracy`...).
     """
     from ldm_jax.diffusion import generate
 
@@ -164,9 +195,9 @@ def evaluate_generation(workdir: str, data_dir_or_latents: str, *, num_prompts: 
     real_rate = data["sample_rate"]
     if seconds is None:
         seconds = float(np.median([len(c) for c in real])) / real_rate
-    audio = gen.generate(prompts, seconds=seconds, steps=steps, sampler=sampler,
-                         cfg_scale=cfg_scale, seed=seed, progress=progress)
-    audio = [a if a.ndim == 1 else a.mean(-1) for a in audio]
+    settings = dict(seconds=seconds, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
+                    seed=seed, progress=progress)
+    audio = _mono(gen.generate(prompts, **settings))
     rate = gen.sample_rate
 
     real_emb = gen.clap.embed_audio(real, sample_rate=real_rate)
@@ -185,9 +216,8 @@ def evaluate_generation(workdir: str, data_dir_or_latents: str, *, num_prompts: 
         result[f"generated/{k}" if not k.startswith("n_") else k] = v
     result.update({f"real/{k}": v for k, v in ceiling.items() if not k.startswith("n_")})
     result.update({f"chance/{k}": v for k, v in music.chance(references).items()})
+    if untrained:
+        result.update(_untrained_scores(gen, prompts, references, real_emb, text_emb, settings))
     if out_path:
-        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-        with open(out_path + ".tmp", "w") as f:
-            json.dump(result, f, indent=2)
-        os.replace(out_path + ".tmp", out_path)
+        paths.write_text(out_path, json.dumps(result, indent=2))
     return result

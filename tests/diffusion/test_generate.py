@@ -195,11 +195,14 @@ def test_evaluation_scores_generated_against_real_clips(chain, tmp_path):
                                           seed=0))
     builders.build("synthetic_music", data, str(tmp_path), workers=1, progress=False)
     out = tmp_path / "eval.json"
+    params = gen.params
     result = generation.evaluate_generation(w, str(tmp_path), num_prompts=2, steps=STEPS,
                                             generator=gen, out_path=str(out), progress=False)
+    assert gen.params is params  # the baseline borrows the generator and gives it back
     assert result["num_prompts"] == 2 and result["seconds"] == pytest.approx(SECONDS)
     assert result["fd_clap"] >= 0 and -1 <= result["clap_score"] <= 1
-    for prefix in ("generated", "real", "chance"):
+    assert result["untrained/fd_clap"] >= 0 and -1 <= result["untrained/clap_score"] <= 1
+    for prefix in ("generated", "real", "chance", "untrained"):
         for metric in ("key_accuracy", "tempo_accuracy", "loudness_accuracy"):
             value = result[f"{prefix}/{metric}"]
             assert np.isnan(value) or 0 <= value <= 1
@@ -277,5 +280,5 @@ def test_stage_trains_from_latents_and_generates(chain, tmp_path):
     assert [i["file"] for i in index] == ["sample_000.wav", "sample_001.wav"]
     scores = generation.evaluate_generation(str(tmp_path), str(tmp_path / "latents"),
                                             num_prompts=2, steps=2, generator=trained,
-                                            progress=False)
-    assert scores["num_prompts"] == 2
+                                            untrained=False, progress=False)
+    assert scores["num_prompts"] == 2 and "untrained/fd_clap" not in scores
