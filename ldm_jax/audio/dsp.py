@@ -6,6 +6,11 @@ normalisation), `librosa.filters.mel` (Slaney's Auditory Toolbox and HTK mel sca
 `librosa.feature.melspectrogram` / `power_to_db`. Layouts are channels-last: a spectrogram of
 `[..., time]` audio is `[..., frames, bins]`. Every function works under `jit`, `vmap` and `grad`.
 
+Traced under a mesh (`jax.set_mesh`), the transforms run inside `jax.shard_map` over the batch
+axes (`parallel.BATCH_AXES`) whenever the leading axis divides over them: XLA's SPMD partitioner
+does not split an FFT over a sharded batch axis but all-gathers the whole batch onto every
+device, while each example's transform needs only that example. The results are the same.
+
 Resampling and loudness live in `resample.py` and `loudness.py` and are re-exported here, so the
 whole front end is reachable as `ldm_jax.audio.dsp.<name>`.
 """
@@ -13,16 +18,20 @@ whole front end is reachable as `ldm_jax.audio.dsp.<name>`.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.signal
+from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
 
 from ldm_jax.audio.framing import frame, overlap_add
 from ldm_jax.audio.loudness import loudness_lufs, loudness_normalize, peak_normalize, rms_db
 from ldm_jax.audio.resample import resample, resample_numpy
+from ldm_jax.parallel import BATCH_AXES
 
 __all__ = [
     "amplitude_to_db", "istft", "log_mel", "loudness_lufs", "loudness_normalize",
@@ -77,7 +86,45 @@ def stft(x: jax.Array, n_fft: int, hop_length: int, win_length: int | None = Non
     x = _as_float(x)
     _check_stft_args(x.shape[-1], n_fft, center, pad_mode)
     w = _window(window, n_fft if win_length is None else win_length, n_fft)
-    return _stft_jit(x, w, n_fft=n_fft, hop_length=hop_length, center=center, pad_mode=pad_mode)
+    mesh, axes = _batch_shards(x, example_ndim=1)
+    return _stft_jit(x, w, n_fft=n_fft, hop_length=hop_length, center=center, pad_mode=pad_mode,
+                     mesh=mesh, batch_axes=axes)
+
+
+def _batch_shards(x: jax.Array, example_ndim: int) -> tuple:
+    """(abstract mesh, batch axes) to split the leading axis of `x` over, or (None, ()).
+
+    Args:
+      x: an array whose trailing `example_ndim` axes belong to one example.
+      example_ndim: rank of one example ([time]: 1, [frames, bins]: 2).
+
+    Returns:
+      The context mesh and its non-manual batch axes when a mesh is set, `x` has a leading
+      axis beyond one example and that axis divides over the axes; else (None, ()).
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or x.ndim <= example_ndim:
+        return None, ()
+    types = dict(zip(mesh.axis_names, mesh.axis_types))
+    # Axes already manual (inside a caller's shard_map) hold one shard each: nothing to split.
+    axes = tuple(a for a in BATCH_AXES if a in types and types[a] != AxisType.Manual)
+    size = math.prod(mesh.shape[a] for a in axes)
+    if size <= 1 or x.shape[0] % size:
+        return None, ()
+    return mesh, axes
+
+
+def _per_example(fn: Callable, mesh, batch_axes: tuple, x: jax.Array, *shared) -> jax.Array:
+    """`fn(x, *shared)`, split over `batch_axes` of `mesh` along the leading axis of `x`.
+
+    `fn` must treat the rows of `x` independently; `shared` (windows, filterbanks) is the same
+    on every device. Without a mesh it is a plain call.
+    """
+    if mesh is None:
+        return fn(x, *shared)
+    rows = P(batch_axes)
+    return jax.shard_map(fn, mesh=mesh, in_specs=(rows,) + (P(),) * len(shared), out_specs=rows,
+                         axis_names=set(batch_axes))(x, *shared)
 
 
 def _as_float(x) -> jax.Array:
@@ -108,7 +155,13 @@ def _stft_core(x, w, n_fft, hop_length, center, pad_mode):
 
 
 # One compiled program per configuration instead of one per primitive when called eagerly.
-_stft_jit = jax.jit(_stft_core, static_argnames=("n_fft", "hop_length", "center", "pad_mode"))
+# The mesh is a static argument, so a program traced for one mesh is never reused for another.
+@functools.partial(jax.jit, static_argnames=("n_fft", "hop_length", "center", "pad_mode", "mesh",
+                                             "batch_axes"))
+def _stft_jit(x, w, n_fft, hop_length, center, pad_mode, mesh, batch_axes):
+    core = functools.partial(_stft_core, n_fft=n_fft, hop_length=hop_length, center=center,
+                             pad_mode=pad_mode)
+    return _per_example(core, mesh, batch_axes, x, w)
 
 
 def _window_sumsquare(w: np.ndarray, hop_length: int, n_frames: int) -> np.ndarray:
@@ -155,13 +208,20 @@ def istft(spec: jax.Array, hop_length: int, win_length: int | None = None,
     start = n_fft // 2 if center else 0
     if length is None:
         length = inv_wss.shape[0] - 2 * start
+    mesh, axes = _batch_shards(spec, example_ndim=2)
     return _istft_jit(spec, w, inv_wss, n_fft=n_fft, hop_length=hop_length, n_frames=n_frames,
-                      start=start, length=length)
+                      start=start, length=length, mesh=mesh, batch_axes=axes)
 
 
-@functools.partial(jax.jit,
-                   static_argnames=("n_fft", "hop_length", "n_frames", "start", "length"))
-def _istft_jit(spec, w, inv_wss, n_fft, hop_length, n_frames, start, length):
+@functools.partial(jax.jit, static_argnames=("n_fft", "hop_length", "n_frames", "start", "length",
+                                             "mesh", "batch_axes"))
+def _istft_jit(spec, w, inv_wss, n_fft, hop_length, n_frames, start, length, mesh, batch_axes):
+    core = functools.partial(_istft_core, n_fft=n_fft, hop_length=hop_length, n_frames=n_frames,
+                             start=start, length=length)
+    return _per_example(core, mesh, batch_axes, spec, w, inv_wss)
+
+
+def _istft_core(spec, w, inv_wss, n_fft, hop_length, n_frames, start, length):
     frames = jnp.fft.irfft(spec[..., :n_frames, :], n=n_fft, axis=-1) * w
     y = overlap_add(frames, hop_length) * inv_wss
     y = y[..., start:start + length]
@@ -273,13 +333,21 @@ def _mel(x, sample_rate, n_fft, hop_length, win_length, n_mels, fmin, fmax, powe
     _check_stft_args(x.shape[-1], n_fft, center, pad_mode)
     w = _window(window, n_fft if win_length is None else win_length, n_fft)
     fb = mel_filterbank(sample_rate, n_fft, n_mels, fmin, fmax, htk, norm)
+    mesh, axes = _batch_shards(x, example_ndim=1)
     return _mel_jit(x, w, fb, n_fft=n_fft, hop_length=hop_length, center=center,
-                    pad_mode=pad_mode, power=float(power), log_amin=log_amin)
+                    pad_mode=pad_mode, power=float(power), log_amin=log_amin, mesh=mesh,
+                    batch_axes=axes)
 
 
 @functools.partial(jax.jit, static_argnames=("n_fft", "hop_length", "center", "pad_mode",
-                                             "power", "log_amin"))
-def _mel_jit(x, w, fb, n_fft, hop_length, center, pad_mode, power, log_amin):
+                                             "power", "log_amin", "mesh", "batch_axes"))
+def _mel_jit(x, w, fb, n_fft, hop_length, center, pad_mode, power, log_amin, mesh, batch_axes):
+    core = functools.partial(_mel_core, n_fft=n_fft, hop_length=hop_length, center=center,
+                             pad_mode=pad_mode, power=power, log_amin=log_amin)
+    return _per_example(core, mesh, batch_axes, x, w, fb)
+
+
+def _mel_core(x, w, fb, n_fft, hop_length, center, pad_mode, power, log_amin):
     spec = _stft_core(x, w, n_fft, hop_length, center, pad_mode)
     power_spec = jnp.real(spec) ** 2 + jnp.imag(spec) ** 2
     mel = jnp.matmul(_safe_power(power_spec, power / 2.0), fb, precision=_HIGHEST)

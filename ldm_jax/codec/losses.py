@@ -55,8 +55,17 @@ def _time_last(x: jax.Array) -> jax.Array:
 
 
 def _stacked(estimate: jax.Array, reference: jax.Array) -> jax.Array:
-    """[2, batch, (channels,) time]: both signals through one STFT per scale."""
-    return jnp.stack([_time_last(estimate), _time_last(reference)]).astype(jnp.float32)
+    """[batch, 2, (channels,) time]: both signals through one STFT per scale.
+
+    The batch stays the leading axis so that a batch-sharded STFT transforms each device's own
+    examples (see `dsp.stft`).
+    """
+    return jnp.stack([_time_last(estimate), _time_last(reference)], axis=1).astype(jnp.float32)
+
+
+def _unstacked(both: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The estimate's and the reference's halves of a `_stacked` array."""
+    return both[:, 0], both[:, 1]
 
 
 def _check_pair(estimate: jax.Array, reference: jax.Array, min_length: int = 0):
@@ -131,7 +140,8 @@ def mel_loss(estimate: jax.Array, reference: jax.Array, sample_rate: int, *,
     for length, mels, lo, hi in zip(window_lengths, n_mels, fmin, fmax):
         basis = jnp.asarray(dsp.mel_filterbank(sample_rate, length, n_mels=mels, fmin=lo,
                                                fmax=hi, htk=False, norm="slaney"))
-        x_mel, y_mel = jnp.matmul(_magnitude(both, length, window), basis, precision=_HIGHEST)
+        x_mel, y_mel = _unstacked(jnp.matmul(_magnitude(both, length, window), basis,
+                                             precision=_HIGHEST))
         loss += log_weight * _log_l1(x_mel, y_mel, clamp_eps, power)
         loss += mag_weight * jnp.mean(jnp.abs(x_mel - y_mel))
     return loss
@@ -163,7 +173,7 @@ def multiscale_stft_loss(estimate: jax.Array, reference: jax.Array, *,
     both = _stacked(estimate, reference)
     loss = jnp.zeros((), jnp.float32)
     for length in window_lengths:
-        x_mag, y_mag = _magnitude(both, length, window)
+        x_mag, y_mag = _unstacked(_magnitude(both, length, window))
         loss += log_weight * _log_l1(x_mag, y_mag, clamp_eps, power)
         loss += mag_weight * jnp.mean(jnp.abs(x_mag - y_mag))
     return loss
