@@ -21,7 +21,8 @@ def get_config(arg=None):
     c.data = common.data(clip_seconds=10.0, crop_seconds=10.0)
     c.tokenizer = common.tokenizer(vocab_size=8192, max_length=64)
     c.model = ml_collections.ConfigDict(dict(
-        latent_channels=64, base_channels=192, channel_mult=(1, 2, 3, 4), num_res_blocks=2,
+        latent_channels=64, patch_size=1, base_channels=192, channel_mult=(1, 2, 3, 4),
+        num_res_blocks=2,
         attention_levels=(1, 2, 3), num_heads=8, head_dim=64, transformer_depth=1, mlp_ratio=4,
         norm_groups=32, context_dim=768, pooled_dim=512, dropout=0.0, remat=True,
         remat_policy="dots_with_no_batch_dims_saveable", dtype="bfloat16"))

@@ -27,7 +27,7 @@ def get_config(arg=None):
     c.data = common.data(clip_seconds=2.0, num_train=512, num_test=64, crop_seconds=2.0)
     c.tokenizer = common.tokenizer()
     c.model = ml_collections.ConfigDict(dict(
-        latent_channels=16, base_channels=64, channel_mult=(1, 2), num_res_blocks=1,
+        latent_channels=16, patch_size=1, base_channels=64, channel_mult=(1, 2), num_res_blocks=1,
         attention_levels=(1,), num_heads=4, head_dim=0, transformer_depth=1, mlp_ratio=4,
         norm_groups=32, context_dim=128, pooled_dim=128, dropout=0.0, remat=False,
         remat_policy="nothing_saveable", dtype="float32"))

@@ -37,8 +37,8 @@ def model():
     return make_test_model(attention_levels=())
 
 
-@pytest.fixture(scope="module")
-def params(model):
+def random_params(model):
+    """Random values of the initialised shapes (zero-initialised layers pass a signal too)."""
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), **example_inputs(model))
     rng = np.random.default_rng(0)
 
@@ -48,6 +48,11 @@ def params(model):
         return jnp.asarray(scale + std * rng.standard_normal(leaf.shape), jnp.float32)
 
     return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+@pytest.fixture(scope="module")
+def params(model):
+    return random_params(model)
 
 
 @pytest.fixture(scope="module")
@@ -162,6 +167,22 @@ def test_odd_length_is_padded_and_cropped(model, params, batch):
         params, dict(batch, x=batch["x"][:2, :7], t=batch["t"][:2], context=batch["context"][:2],
                      context_mask=batch["context_mask"][:2], pooled=batch["pooled"][:2]))
     assert y.shape == (2, 7, C) and np.all(np.isfinite(np.asarray(y)))
+
+
+def test_patches_fold_frames_into_channels(batch):
+    """A patch-4 U-Net over [B, T, C] is the plain U-Net over [B, T / 4, 4 C], same weights."""
+    patched = make_test_model(attention_levels=(), patch_size=4)
+    plain = make_test_model(attention_levels=(), latent_channels=4 * C)
+    assert patched.frame_multiple == 8
+    weights = random_params(plain)
+    folded = batch["x"].reshape(B, T // 4, 4 * C)
+    y_plain = jax.jit(functools.partial(_forward, plain))(weights, dict(batch, x=folded))
+    y_patched = jax.jit(functools.partial(_forward, patched))(weights, batch)
+    assert y_patched.shape == (B, T, C)
+    np.testing.assert_allclose(np.asarray(y_patched).reshape(B, T // 4, 4 * C),
+                               np.asarray(y_plain), rtol=1e-5, atol=1e-5)
+    with pytest.raises(DiffusionError, match="patch_size"):
+        make_test_model(patch_size=0)
 
 
 def test_bfloat16_compute_keeps_float32_output(params, batch, out):
