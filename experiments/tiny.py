@@ -39,12 +39,15 @@ def get_config(arg=None):
     c.ldm.model.context_dim = c.clap.model.text.get_ref("width")
     c.ldm.model.pooled_dim = c.clap.model.get_ref("embed_dim")
     c.ldm.data.crop_seconds = 1.0
-    c.ldm.train.steps = 300
+    # 1200 steps at a higher rate than the preset's: where the Fréchet distance to the real
+    # clips falls to about half that of the untrained U-Net within the CPU budget.
+    c.ldm.train.steps = 1200
+    c.ldm.train.lr = 5e-4
     c.ldm.train.batch_size = 8
-    c.ldm.checkpoint.every_steps = 150
+    c.ldm.checkpoint.every_steps = 300
     c.ldm.log.audio_every_steps = 0
     c.ldm.generation.steps = 25
-    c.ldm.eval.num_prompts = 16
+    c.ldm.eval.num_prompts = 32
     c.ldm.eval.steps = 25
     share_data(c)
     return c
