@@ -7,6 +7,8 @@ times, each call ended by `jax.block_until_ready`; the median, min and max are r
 come from XLA's cost analysis, MFU from the peak of `benchmarks.hardware`, and everything runs
 on one device (`jax.devices()[0]`) with random inputs of the shapes training and generation use,
 so no trained model or dataset is needed (`data` builds its dataset in a temporary directory).
+With `--peer`, `unet` and `codec` also time their PyTorch peer (`benchmarks/peers`) on the same
+device in the same process and record our examples/s over the peer's.
 """
 
 from __future__ import annotations
@@ -61,6 +63,9 @@ class Options:
       compiler_options: XLA options for every compilation, e.g.
         {"xla_backend_optimization_level": 0} to check the suite quickly; timings then are not
         those of XLA's default build (recorded in the JSON).
+      peer: also time the PyTorch peer of the target (`PEERS`) on the same device, in this
+        process, after the JAX step.
+      peer_threads: torch intra-op threads for a CPU peer (default: torch's own).
     """
 
     preset: str | None = None
@@ -78,6 +83,8 @@ class Options:
     codec: str | None = None
     data_dir: str | None = None
     compiler_options: dict | None = None
+    peer: bool = False
+    peer_threads: int | None = None
 
 
 def on_accelerator() -> bool:
@@ -204,6 +211,90 @@ def make_meter(opts: Options, cpu_repeats: int = 5, accelerator_repeats: int = 2
     return meter, peak
 
 
+# ------------------------------------------------------------------------------------ peers
+
+# Targets with a PyTorch peer in `benchmarks/peers` (the same network and train step).
+PEERS = {"unet": "unet_torch", "codec": "dac_torch"}
+
+
+def peer_device(platform: str, environ=None) -> str:
+    """The torch device beside JAX's first device.
+
+    Args:
+      platform: `jax.devices()[0].platform`.
+      environ: the environment (default `os.environ`).
+
+    Returns:
+      "cpu" or "cuda".
+
+    Raises:
+      ConfigError: on a platform torch cannot share, or a GPU that JAX preallocates.
+    """
+    environ = os.environ if environ is None else environ
+    if platform == "cpu":
+        return "cpu"
+    if platform in ("gpu", "cuda"):
+        # JAX takes 75% of the GPU at start-up; the peer would run out of memory or be cramped.
+        if (environ.get("XLA_PYTHON_CLIENT_PREALLOCATE", "").lower() not in ("false", "0")
+                and not environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION")):
+            raise ConfigError("--peer shares the GPU with JAX: run with "
+                              "XLA_PYTHON_CLIENT_PREALLOCATE=false")
+        return "cuda"
+    raise ConfigError(f"the PyTorch peers run on CPUs and CUDA GPUs, not {platform}; drop --peer")
+
+
+def load_peer(opts: Options, target: str) -> types.SimpleNamespace | None:
+    """The target's peer module and device when --peer is given, checked before any timing.
+
+    Returns:
+      None without --peer; else a namespace of module (`benchmarks.peers.*`) and device.
+
+    Raises:
+      ConfigError: a thread count below 1, PyTorch missing, or a device it cannot use.
+    """
+    if not opts.peer:
+        return None
+    if opts.peer_threads is not None and opts.peer_threads < 1:
+        raise ConfigError(f"--peer-threads {opts.peer_threads}: give at least 1")
+    try:
+        import torch  # noqa: F401
+    except ImportError as e:
+        raise ConfigError("--peer needs PyTorch: pip install torch (the CPU wheel on CPU "
+                          "hosts), then pip install -e '.[peers]'") from e
+    import importlib
+
+    module = importlib.import_module(f"benchmarks.peers.{PEERS[target]}")
+    return types.SimpleNamespace(module=module, device=peer_device(jax.devices()[0].platform))
+
+
+def run_peer(peer: types.SimpleNamespace, opts: Options, ours: dict, **kwargs) -> dict:
+    """Times the peer's `benchmark(**kwargs, device=...)` and compares it with our step.
+
+    Args:
+      peer: `load_peer`'s namespace.
+      opts: the options (`peer_threads`).
+      ours: our step's metrics (`examples_per_s`).
+      **kwargs: the peer's `benchmark` arguments other than the device.
+
+    Returns:
+      {"peer": the peer's record plus its torch threads, "speed_ratio_vs_peer": our
+       examples/s over the peer's (above 1: ours is faster)}.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    if opts.peer_threads is not None:
+        torch.set_num_threads(int(opts.peer_threads))
+    try:
+        record = peer.module.benchmark(**kwargs, device=peer.device)
+        record["threads"] = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(threads)
+    record["module"] = peer.module.__name__
+    return {"peer": record,
+            "speed_ratio_vs_peer": ours["examples_per_s"] / record["examples_per_s"]}
+
+
 # ------------------------------------------------------------------------------------ data
 
 def pipeline_batch_times(source, data_cfg, *, batch_size: int, crop_seconds: float,
@@ -273,6 +364,12 @@ def bench_codec(opts: Options) -> dict:
     from ldm_jax.codec.model import Codec, make_codec
 
     spec, cfg, section = load_stage(opts, "codec", "codec", "encoder_rates")
+    peer = load_peer(opts, "codec")
+    if peer is not None:
+        try:  # DAC's classes describe only some codecs: say so before timing anything
+            peer.module.build_models(section)
+        except ValueError as e:
+            raise ConfigError(f"--peer: {e}") from e
     meter, peak = make_meter(opts)
     n = codec_train.crop_samples(section)
     sr, channels = int(section.model.sample_rate), int(section.model.channels)
@@ -285,6 +382,10 @@ def bench_codec(opts: Options) -> dict:
     step = functools.partial(codec_train.train_step, cfg=section)
     state, train = meter(step, state, {"audio": audio}, jax.random.key(1), examples=batch,
                          donate=(0,), threads_state=True)
+    compared = {}
+    if peer is not None:
+        compared = run_peer(peer, opts, train, cfg=section, batch=batch, samples=n,
+                            repeats=meter.repeats, dtype=str(section.model.dtype))
 
     codec = make_codec(section.model)
     variables = {"params": state["params"]}
@@ -298,7 +399,8 @@ def bench_codec(opts: Options) -> dict:
     _, dec = meter(decode, variables, z, examples=1)
     return _record("codec", spec, opts, section, params=params, batch=batch,
                    repeats=meter.repeats, crop_seconds=n / sr, sample_rate=sr, **train, **peak,
-                   seconds=seconds, encode=_rtf_row(enc, seconds), decode=_rtf_row(dec, seconds))
+                   seconds=seconds, encode=_rtf_row(enc, seconds), decode=_rtf_row(dec, seconds),
+                   **compared)
 
 
 # ------------------------------------------------------------------------------------- clap
@@ -380,9 +482,12 @@ def bench_unet(opts: Options) -> dict:
 
     ldm = ldm_setup(opts, "unet")
     section = ldm.section
+    peer = load_peer(opts, "unet")
     meter, peak = make_meter(opts)
     crop = float(section.data.crop_seconds)
     frames = int(round(crop * ldm.frame_rate))  # the latents pipeline's crop length
+    if peer is not None:
+        _check_unet_peer(section.model, frames)
     batch = opts.batch or int(section.train.batch_size)
     rng = np.random.default_rng(0)
     latents = rng.standard_normal((batch, frames, int(section.model.latent_channels)))
@@ -395,6 +500,10 @@ def bench_unet(opts: Options) -> dict:
     _, train = meter(step, state, arrays, jax.random.key(1), examples=batch, donate=(0,),
                      threads_state=True)
     extra = {}
+    if peer is not None:
+        extra = run_peer(peer, opts, train, model_cfg=section.model, batch=batch, frames=frames,
+                         context_len=int(arrays["context"].shape[1]), repeats=meter.repeats,
+                         dtype=str(section.model.dtype))
     if section.model.remat:
         # XLA counts the recomputed forward passes; the step without them is the model's work.
         plain = section.copy_and_resolve_references()
@@ -402,13 +511,25 @@ def bench_unet(opts: Options) -> dict:
         lowered = jax.jit(functools.partial(ldm_train.train_step, cfg=plain)).lower(
             *abstract, jax.random.key(1))
         flops = hardware.cost_flops(lowered.cost_analysis())
-        extra = {"flops_per_step_without_remat": flops,
-                 "mfu_without_remat": hardware.mfu(flops, train["step_s"]["median"],
-                                                   meter.peak_flops)}
+        extra.update(flops_per_step_without_remat=flops,
+                     mfu_without_remat=hardware.mfu(flops, train["step_s"]["median"],
+                                                    meter.peak_flops))
     return _record("unet", ldm.spec, opts, section, params=param_count(abstract[0]["params"]),
                    batch=batch, repeats=meter.repeats, crop_seconds=crop, frames=frames,
                    frame_rate=ldm.frame_rate, frame_rate_source=ldm.frame_rate_source,
                    context_length=int(arrays["context"].shape[1]), **train, **peak, **extra)
+
+
+def _check_unet_peer(model_cfg, frames: int):
+    """One-line errors for U-Nets the PyTorch peer does not build (it has no patching and needs
+    whole strides)."""
+    if int(model_cfg.get("patch_size", 1)) != 1:
+        raise ConfigError("--peer: the PyTorch U-Net has no patch_size; drop --peer or "
+                          "model.patch_size")
+    multiple = 2 ** (len(model_cfg.channel_mult) - 1)
+    if frames % multiple:
+        raise ConfigError(f"--peer: the PyTorch U-Net needs frames in multiples of {multiple}, "
+                          f"got {frames}; change data.crop_seconds")
 
 
 def _is_oom(error: Exception) -> bool:
@@ -536,6 +657,9 @@ def run(target: str, opts: Options) -> dict:
            "sample": bench_sample}
     if target not in fns:
         raise ConfigError(f"unknown benchmark {target!r}; use one of {', '.join(TARGETS)}, all")
+    if opts.peer and target not in PEERS:
+        raise ConfigError(f"--peer: {target} has no PyTorch peer; use it with "
+                          f"{' or '.join(PEERS)}")
     return fns[target](opts)
 
 
@@ -551,7 +675,8 @@ def run_all(opts: Options) -> dict:
             opts, preset=CPU_PRESETS[target],
             batch=None if target == "sample" else opts.batch,
             seconds=opts.seconds or (ALL_SAMPLE_SECONDS if target == "sample" else None),
-            remat=opts.remat if target in ("clap", "unet", "sample") else None)
+            remat=opts.remat if target in ("clap", "unet", "sample") else None,
+            peer=opts.peer and target in PEERS)
         results.append(run(target, sub))
     return {"target": "all", **hardware.environment(), "results": results}
 
@@ -593,7 +718,12 @@ def summary(result: dict) -> list[str]:
         lines.append(f"  embed: {r['embed_text']['examples_per_s']:.0f} captions/s, "
                      f"{r['embed_audio']['examples_per_s']:.0f} clips/s "
                      f"(batch {r['eval_batch']})")
-    elif r["target"] == "sample":
+    if r.get("peer"):
+        p = r["peer"]
+        lines.append(f"  PyTorch peer ({p['device']}, {p['threads']} threads): "
+                     f"{_duration(p['step_s'])}/step, {p['examples_per_s']:.3g} examples/s; "
+                     f"ours/peer {r['speed_ratio_vs_peer']:.2f}x")
+    if r["target"] == "sample":
         for row in r["rows"]:
             lines.append(f"  batch {row['batch']}: {row['rtf']:.3g}x real time (sampler "
                          f"{row['rtf_sampler']:.3g}x, decode {row['rtf_decode']:.3g}x), "

@@ -401,7 +401,8 @@ def cmd_bench(args, cfg):
         repeats=args.repeats, peak_tflops=args.peak_tflops, seconds=args.seconds,
         max_batch=args.max_batch, steps=args.steps, sampler=args.sampler, dtype=args.dtype,
         remat=None if args.remat is None else args.remat == "on", frame_rate=args.frame_rate,
-        codec=args.codec, data_dir=args.data_dir, compiler_options=_xla_options(args.xla_option))
+        codec=args.codec, data_dir=args.data_dir, compiler_options=_xla_options(args.xla_option),
+        peer=args.peer, peer_threads=args.peer_threads)
     result = bench.run_all(opts) if args.target == "all" else bench.run(args.target, opts)
     for line in bench.summary(result):
         print(line)
@@ -614,6 +615,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="data: a TFDS directory (default: a temporary build)")
     p.add_argument("--xla-option", action="append", default=None, metavar="NAME=VALUE",
                    help="XLA compiler option for every compilation (repeatable)")
+    p.add_argument("--peer", action="store_true",
+                   help="unet, codec: also time the PyTorch peer (U-Net, DAC) on the same device "
+                        "in this process and record ours/peer (needs torch)")
+    p.add_argument("--peer-threads", type=int, default=None, metavar="N",
+                   help="torch intra-op threads of a CPU peer (default: torch's own)")
     p.set_defaults(func=cmd_bench, loads_config=False)
     return parser
 

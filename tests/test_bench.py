@@ -1,5 +1,6 @@
 """The benchmark suite (`benchmarks.run`, `ldm-jax bench`): MFU arithmetic, the device table,
-and every target on tiny presets writing complete records.
+every target on tiny presets writing complete records, and the PyTorch peers timed beside the
+U-Net and codec steps (`--peer`, skipped without torch).
 
 Models are shrunk by config overrides and compiled at XLA's lowest backend optimisation level,
 so each target compiles in seconds; the numbers are checked for presence and sign, never for
@@ -22,6 +23,11 @@ if REPO not in sys.path:
 from benchmarks import hardware, run  # noqa: E402
 from ldm_jax import cli  # noqa: E402
 
+try:
+    import torch
+except ImportError:
+    torch = None
+
 FAST = {"xla_backend_optimization_level": 0}
 COMMON_KEYS = ("target", "preset", "device_kind", "device_count", "platform", "jax", "flax",
                "date", "batch", "compile_s", "step_s", "examples_per_s", "flops_per_step",
@@ -29,6 +35,10 @@ COMMON_KEYS = ("target", "preset", "device_kind", "device_count", "platform", "j
 UNET = ("model.base_channels=16", "model.channel_mult=(1,)", "model.attention_levels=()",
         "model.num_heads=2", "model.norm_groups=8", "model.context_dim=32", "model.pooled_dim=16",
         "tokenizer.max_length=8", "diffusion.num_train_timesteps=100")
+CODEC = ("model.encoder_rates=(2,)", "model.decoder_rates=(2,)", "model.encoder_dim=4",
+         "model.decoder_dim=8", "model.latent_dim=8", "model.codebook_size=16",
+         "model.n_codebooks=1", "discriminator.channels=2", "discriminator.max_channels=8",
+         "discriminator.periods=()", "discriminator.fft_sizes=(128,)", "data.crop_seconds=0.07")
 
 
 def options(**kw):
@@ -55,6 +65,13 @@ def check_record(r, target, *, compiled=True):
         assert r["peak_memory_source"].startswith("compiled.memory_analysis")
     assert all(positive(x) for x in numbers), numbers
     json.dumps(r)  # JSON-ready
+
+
+def check_peer(r, threads):
+    peer = r["peer"]
+    assert peer["device"] == "cpu" and peer["threads"] == threads
+    assert positive(peer["step_s"]) and positive(peer["examples_per_s"])
+    assert r["speed_ratio_vs_peer"] == pytest.approx(r["examples_per_s"] / peer["examples_per_s"])
 
 
 # ------------------------------------------------------------------------------ arithmetic
@@ -105,13 +122,14 @@ def test_data(tmp_path):
 
 
 def test_codec():
-    r = run.run("codec", options(batch=2, seconds=0.1, overrides=(
-        "model.encoder_rates=(2,)", "model.decoder_rates=(2,)", "model.encoder_dim=4",
-        "model.decoder_dim=8", "model.latent_dim=8", "model.codebook_size=16",
-        "model.n_codebooks=1", "discriminator.channels=2", "discriminator.max_channels=8",
-        "discriminator.periods=()", "discriminator.fft_sizes=(128,)",
-        "data.crop_seconds=0.07")))
+    # With PyTorch, the DAC peer is timed beside the step (one codec compilation for both).
+    r = run.run("codec", options(batch=2, seconds=0.1, overrides=CODEC, peer=torch is not None,
+                                 peer_threads=1))
     check_record(r, "codec")
+    if torch is not None:
+        check_peer(r, 1)
+        assert r["peer"]["samples"] == round(0.07 * 16000)
+        assert r["peer"]["params"] == r["params"]
     assert r["crop_seconds"] == pytest.approx(0.07) and positive(r["params"])
     for part in ("encode", "decode"):
         assert positive(r[part]["rtf"]) and positive(r[part]["compile_s"])
@@ -170,8 +188,43 @@ def test_cli_bench_unet_writes_json(tmp_path, capsys):
     (["bench", "unet", "--preset", "codec_tiny"], "has no ldm model"),
     (["bench", "codec", "--remat", "on"], "no remat option"),
     (["bench", "all", "--preset", "ldm_tiny"], "drop --preset"),
+    (["bench", "clap", "--peer"], "has no PyTorch peer"),
 ])
 def test_cli_bench_user_errors_are_one_line(argv, message, capsys):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("ldm-jax: error:") and message in err and "\n" not in err
+
+
+# ------------------------------------------------------------------------------ PyTorch peers
+
+@pytest.mark.skipif(torch is None, reason="needs PyTorch")
+def test_unet_peer_is_timed_beside_ours(tmp_path, capsys):
+    threads = torch.get_num_threads()
+    out = tmp_path / "unet.json"
+    rc = cli.main(["bench", "unet", "--preset", "ldm_tiny", "--batch", "2", "--repeats", "1",
+                   "--peak-tflops", "1", "--peer", "--peer-threads", "1", "--json", str(out),
+                   "--xla-option", "xla_backend_optimization_level=0",
+                   *(f"--config.{o}" for o in UNET), "--config.data.crop_seconds=0.05"])
+    assert rc == 0 and "ours/peer" in capsys.readouterr().out
+    r = json.loads(out.read_text())
+    check_record(r, "unet")
+    check_peer(r, 1)
+    # The same network on both sides.
+    assert r["peer"]["params"] == r["params"]
+    assert torch.get_num_threads() == threads
+    with pytest.raises(run.ConfigError, match="no patch_size"):
+        run.run("unet", options(preset="ldm_tiny", peer=True, overrides=("model.patch_size=2",)))
+
+
+def test_peer_errors_are_one_line(monkeypatch, capsys):
+    with pytest.raises(run.ConfigError, match="not tpu"):
+        run.peer_device("tpu", {})
+    with pytest.raises(run.ConfigError, match="XLA_PYTHON_CLIENT_PREALLOCATE=false"):
+        run.peer_device("gpu", {})
+    assert run.peer_device("gpu", {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}) == "cuda"
+    assert run.peer_device("cpu", {}) == "cpu"
+    monkeypatch.setitem(sys.modules, "torch", None)  # as if PyTorch were not installed
+    assert cli.main(["bench", "unet", "--peer"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--peer needs PyTorch" in err and "\n" not in err
