@@ -1,7 +1,8 @@
 """Multi-head attention and the pre-LayerNorm transformer block.
 
 Scaled dot-product attention of "Attention Is All You Need" (Vaswani et al. 2017) computed by
-`jax.nn.dot_product_attention` (XLA, or cuDNN flash attention where it applies), with the pre-LN
+`jax.nn.dot_product_attention` (its default implementation, which in JAX 0.10 is XLA's fused
+attention on every backend; its cuDNN path must be asked for explicitly), with the pre-LN
 residual arrangement of GPT-2 / ViT (Xiong et al. 2020, "On Layer Normalization in the Transformer
 Architecture"). Blocks serve the CLAP towers (self-attention with a key padding mask) and the
 diffusion U-Net (self-attention plus cross-attention to padded text states).
