@@ -15,7 +15,6 @@ median of `--repeats` calls after one untimed call, each synchronised with `bloc
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -42,11 +41,7 @@ def main(argv=None):
         result = run.bench_clap(run.Options(preset=args.config, overrides=tuple(overrides),
                                             batch=args.batch, repeats=args.repeats))
     result = {"command": " ".join(sys.argv), **result}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(text + "\n")
+    run.emit(result, args.json)
 
 
 if __name__ == "__main__":

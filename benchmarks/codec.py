@@ -14,7 +14,6 @@ scores both with `ldm_jax.codec.inference.evaluate`'s metrics.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -97,11 +96,7 @@ def main(argv=None):
         if not args.workdir:
             p.error("--opus needs --workdir W with a trained codec")
         result["opus"] = bench_opus(args.workdir, args.data_dir, args.max_clips)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(text + "\n")
+    run.emit(result, args.json)
 
 
 if __name__ == "__main__":

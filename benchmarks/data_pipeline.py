@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import sys
@@ -102,9 +101,7 @@ def main(argv=None) -> list[dict]:
                         "sample_rate": args.sample_rate, "build_seconds": round(build_seconds, 1)},
             "results": rows,
         }
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+        run.write_json(report, args.json)
         print(f"wrote {args.json}")
     return rows
 

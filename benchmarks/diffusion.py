@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import os
 import sys
 import time
@@ -88,11 +87,7 @@ def main(argv=None):
             result["sample"] = run.bench_sample(dataclasses.replace(opts, batch=None))
             for line in run.summary(result["sample"]):
                 print(line)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(text + "\n")
+    run.emit(result, args.json)
 
 
 if __name__ == "__main__":

@@ -684,8 +684,15 @@ def run_all(opts: Options) -> dict:
 def write_json(result: dict, path: str):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
-        json.dump(result, f, indent=2)
+        json.dump(result, f, indent=2, default=str)
         f.write("\n")
+
+
+def emit(result: dict, path: str | None):
+    """Prints a record as JSON and, with a path, also writes it there (the scripts' output)."""
+    print(json.dumps(result, indent=2, default=str))
+    if path:
+        write_json(result, path)
 
 
 def _duration(seconds: float) -> str:

@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import math
 import os
-import platform
 import sys
 import time
 
@@ -137,22 +135,17 @@ def main(argv=None):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                    + " --xla_force_host_platform_device_count=8").strip()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    import jax
 
     from ldm_jax import config as config_lib
     cfg = config_lib.get_config(args.config, [o.removeprefix("--config.") for o in overrides])
+    from benchmarks import hardware, run
     result = {"command": " ".join(sys.argv), "config": args.config, "overrides": overrides,
-              "date": time.strftime("%Y-%m-%d"), "jax": jax.__version__,
-              "python": platform.python_version(), "device": str(jax.devices()[0])}
+              **hardware.environment()}
     if args.what == "flops":
         result["flops"] = flops(cfg, args.frame_rate, args.compiled)
     else:
         result["collectives"] = collectives(cfg, args.frame_rate, args.batch)
-    text = json.dumps(result, indent=2, default=str)
-    print(text)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(text + "\n")
+    run.emit(result, args.json)
 
 
 if __name__ == "__main__":

@@ -23,13 +23,13 @@ DAC's 44.1 kHz setup leaves it out).
 from __future__ import annotations
 
 import math
-import statistics
-import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from benchmarks.peers.timing import time_step
 
 LEAKY_SLOPE = 0.1
 BANDS = ((0.0, 0.1), (0.1, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.0))
@@ -467,11 +467,6 @@ def make_train_step(gen: Generator, disc: Discriminator, cfg, dtype="float32", *
     return step
 
 
-def _sync(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def benchmark(cfg, batch: int, samples: int | None = None, repeats: int = 5,
               device: str = "cpu", dtype: str = "float32", compile: bool = False) -> dict:
     """Times the peer G+D step on random audio.
@@ -498,17 +493,7 @@ def benchmark(cfg, batch: int, samples: int | None = None, repeats: int = 5,
     g = torch.Generator(device="cpu").manual_seed(0)
     audio = (0.1 * torch.randn(batch, 1, samples, generator=g)).to(device)
     step = make_train_step(gen, disc, cfg, dtype, compile=compile)
-    start = time.perf_counter()
-    step(audio)
-    _sync(device)
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step(audio)
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    median = statistics.median(times)
+    first, median = time_step(step, audio, device, repeats)
     count = lambda mod: sum(p.numel() for p in mod.parameters())
     return {"params": count(gen), "disc_params": count(disc), "samples": samples,
             "step_s": median, "compile_s": first, "examples_per_s": batch / median,

@@ -26,12 +26,12 @@ with min-SNR-5 weights, 10% of captions dropped to the null condition, global-no
 from __future__ import annotations
 
 import math
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from benchmarks.peers.timing import time_step
 
 EPS = 1e-6  # Flax's GroupNorm and LayerNorm epsilon
 
@@ -406,11 +406,6 @@ def random_batch(model: UNet, batch: int, frames: int, context_len: int, device)
     return {k: v.to(device) for k, v in out.items()}
 
 
-def _sync(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def benchmark(model_cfg, batch: int, frames: int, context_len: int = 32, repeats: int = 10,
               device: str = "cpu", dtype: str = "float32", compile: bool = False) -> dict:
     """Times the peer train step.
@@ -433,17 +428,7 @@ def benchmark(model_cfg, batch: int, frames: int, context_len: int = 32, repeats
     model = build_unet(model_cfg).to(device)
     data = random_batch(model, batch, frames, context_len, device)
     step = make_train_step(model, dtype, compile=compile)
-    start = time.perf_counter()
-    step(data)
-    _sync(device)
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step(data)
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    median = statistics.median(times)
+    first, median = time_step(step, data, device, repeats)
     return {"params": param_count(model), "step_s": median, "compile_s": first,
             "examples_per_s": batch / median, "torch": torch.__version__, "device": str(device),
             "dtype": str(dtype), "compile": bool(compile)}
