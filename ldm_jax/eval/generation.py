@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import numpy as np
@@ -134,26 +135,30 @@ def _mono(audio):
     return [a if a.ndim == 1 else a.mean(-1) for a in audio]
 
 
-def _untrained_scores(gen, prompts, references, real_emb, text_emb, settings) -> dict:
-    """`untrained/...` scores: the same generation with the U-Net's initial parameters."""
-    import jax
-
-    from ldm_jax.diffusion import train as ldm_train
-
-    init = jax.jit(lambda rng: ldm_train.init_state(gen.cfg, rng)["params"])
+def _generated_scores(gen, params, prompts, references, real_emb, text_emb, settings,
+                      desc: str) -> dict:
+    """Generates with U-Net `params` and scores the clips: fd_clap, clap_score and adherence
+    (accuracies and the counts `n_...`)."""
     trained = gen.params
-    gen.params = init(jax.random.key(int(settings["seed"])))
+    gen.params = params
     try:
         audio = _mono(gen.generate(prompts, **settings))
     finally:
         gen.params = trained
     emb = gen.clap.embed_audio(audio, sample_rate=gen.sample_rate)
-    out = {"untrained/fd_clap": frechet_distance(real_emb, emb),
-           "untrained/clap_score": clap_score(emb, text_emb)}
-    scores = music.adherence(_analyse_all(audio, gen.sample_rate, settings["progress"],
-                                          "analyse untrained"), references)
-    out.update({f"untrained/{k}": v for k, v in scores.items() if not k.startswith("n_")})
-    return out
+    return {"fd_clap": frechet_distance(real_emb, emb), "clap_score": clap_score(emb, text_emb),
+            **music.adherence(_analyse_all(audio, gen.sample_rate, settings["progress"], desc),
+                              references)}
+
+
+def _initial_params(gen, seed: int):
+    """The U-Net's parameters at initialisation, as training starts from them."""
+    import jax
+
+    from ldm_jax.diffusion import train as ldm_train
+
+    return jax.jit(lambda rng: ldm_train.init_state(gen.cfg, rng)["params"])(
+        jax.random.key(int(seed)))
 
 
 def evaluate_generation(workdir: str, data_dir_or_latents: str, *, num_prompts: int = 32,
@@ -197,19 +202,15 @@ def evaluate_generation(workdir: str, data_dir_or_latents: str, *, num_prompts: 
         seconds = float(np.median([len(c) for c in real])) / real_rate
     settings = dict(seconds=seconds, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
                     seed=seed, progress=progress)
-    audio = _mono(gen.generate(prompts, **settings))
-    rate = gen.sample_rate
-
     real_emb = gen.clap.embed_audio(real, sample_rate=real_rate)
-    gen_emb = gen.clap.embed_audio(audio, sample_rate=rate)
     text_emb = gen.clap.embed_text(prompts)
+    score = functools.partial(_generated_scores, gen, prompts=prompts, references=references,
+                              real_emb=real_emb, text_emb=text_emb, settings=settings)
+    generated = score(gen.params, desc="analyse generated")
     result = {"num_prompts": len(prompts), "seconds": float(seconds), "steps": int(steps),
               "sampler": sampler, "cfg_scale": float(cfg_scale),
-              "fd_clap": frechet_distance(real_emb, gen_emb),
-              "clap_score": clap_score(gen_emb, text_emb),
+              "fd_clap": generated.pop("fd_clap"), "clap_score": generated.pop("clap_score"),
               "clap_score_real": clap_score(real_emb, text_emb)}
-    generated = music.adherence(_analyse_all(audio, rate, progress, "analyse generated"),
-                                references)
     ceiling = music.adherence(_analyse_all(real, real_rate, progress, "analyse real"),
                               references)
     for k, v in generated.items():
@@ -217,7 +218,9 @@ def evaluate_generation(workdir: str, data_dir_or_latents: str, *, num_prompts: 
     result.update({f"real/{k}": v for k, v in ceiling.items() if not k.startswith("n_")})
     result.update({f"chance/{k}": v for k, v in music.chance(references).items()})
     if untrained:
-        result.update(_untrained_scores(gen, prompts, references, real_emb, text_emb, settings))
+        baseline = score(_initial_params(gen, seed), desc="analyse untrained")
+        result.update({f"untrained/{k}": v for k, v in baseline.items()
+                       if not k.startswith("n_")})
     if out_path:
         paths.write_text(out_path, json.dumps(result, indent=2))
     return result
