@@ -49,7 +49,9 @@ def get_config(arg=None):
         steps=400_000, batch_size=72, lr=1e-4, disc_lr=1e-4, b1=0.8, b2=0.99, lr_decay=0.999996,
         weight_decay=0.0, eps=1e-8, grad_clip=1e3, disc_grad_clip=10.0, adversarial="lsgan",
         disc_start=0, ema_decay=0.0))
+    # DAC's `conf/base.yml` weights: mel, adversarial and VQ terms only, no waveform terms.
     c.loss_weights["waveform/l1"] = 0.0
+    c.loss_weights["waveform/si_sdr_loss"] = 0.0
     c.checkpoint = common.checkpoint(every_steps=5000, keep=3)
     c.log = common.log(every_steps=100, audio_every_steps=5000)
     c.eval = ml_collections.ConfigDict(dict(every_steps=10000, num_examples=256, batch_size=16))

@@ -36,3 +36,11 @@ def test_vae_preset_has_a_kl_bottleneck():
     assert cfg.model.quantizer == "kl" and cfg.model.latent_dim == 64
     with pytest.raises(config_lib.ConfigError, match="unknown codec preset"):
         config_lib.get_config("codec:dac_8khz")
+
+
+def test_dac_presets_train_with_dacs_loss_terms_only():
+    # DAC's conf/base.yml: mel 15, feature matching 2, adversarial 1, commitment 0.25, codebook 1.
+    cfg = config_lib.get_config("codec:dac_44khz")
+    active = {k: v for k, v in cfg.loss_weights.items() if v and not k.startswith("kl/")}
+    assert active == {"mel/loss": 15.0, "adv/feat_loss": 2.0, "adv/gen_loss": 1.0,
+                      "vq/commitment_loss": 0.25, "vq/codebook_loss": 1.0}
