@@ -28,7 +28,7 @@ def get_config(arg=None):
         remat_policy="dots_with_no_batch_dims_saveable", dtype="bfloat16"))
     c.diffusion = ml_collections.ConfigDict(dict(
         schedule="scaled_linear", num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-        objective="v", min_snr_gamma=5.0, cond_drop=0.1, normalize="global"))
+        objective="v", min_snr_gamma=5.0, snr_shift=1.0, cond_drop=0.1, normalize="global"))
     c.train = ml_collections.ConfigDict(dict(
         steps=200_000, batch_size=256, lr=1e-4, warmup=5000, lr_schedule="constant",
         weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-8, grad_clip=1.0, ema_decay=0.9999,

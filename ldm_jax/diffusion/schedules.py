@@ -130,10 +130,27 @@ class Schedule:
 
 
 def make_schedule(name: str = "scaled_linear", num_train_timesteps: int = 1000,
-                  beta_start: float | None = None, beta_end: float | None = None) -> Schedule:
-    """Builds a `Schedule` (see `make_betas` for the arguments and their defaults)."""
+                  beta_start: float | None = None, beta_end: float | None = None,
+                  snr_shift: float = 1.0) -> Schedule:
+    """Builds a `Schedule` (see `make_betas` for the arguments and their defaults).
+
+    `snr_shift` s divides the signal-to-noise ratio of every timestep by s, the shifted schedules
+    of "simple diffusion" (Hoogeboom et al., 2023): a_t' = a_t / (a_t + s (1 - a_t)). Signals
+    with many correlated values (long, high-rate latents) keep their global structure, such as
+    pitch, visible under noise that hides a small image; s > 1 moves the timesteps where that
+    structure is decided away from the last few. 1 leaves the schedule as diffusers builds it.
+    """
     betas = make_betas(name, num_train_timesteps, beta_start, beta_end)
-    return Schedule(betas=betas, alphas_cumprod=alphas_cumprod_from_betas(betas),
+    alphas_cumprod = alphas_cumprod_from_betas(betas)
+    shift = float(snr_shift)
+    if not shift > 0:
+        raise DiffusionError(f"snr_shift must be positive, got {snr_shift}")
+    if shift != 1.0:
+        a = alphas_cumprod.astype(np.float64)
+        a = a / (a + shift * (1.0 - a))
+        betas = (1.0 - a / np.concatenate([[1.0], a[:-1]])).astype(np.float32)
+        alphas_cumprod = a.astype(np.float32)
+    return Schedule(betas=betas, alphas_cumprod=alphas_cumprod,
                     name=_SCHEDULE_ALIASES.get(name, name))
 
 

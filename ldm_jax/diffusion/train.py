@@ -43,6 +43,7 @@ STATS_FILE = "latent_stats.json"
 DIFFUSION_DEFAULTS = dict(
     schedule="scaled_linear", num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
     objective="v", min_snr_gamma=5.0,  # 0 disables the weighting
+    snr_shift=1.0,  # divides every timestep's SNR (simple diffusion's shifted schedule)
     cond_drop=0.1,  # probability of training a caption as the null condition
     normalize="global",  # "global" (LDM's scale factor) or "channel" (per-channel mean / std)
 )
@@ -74,7 +75,7 @@ def train_config(cfg) -> dict:
 def schedule_from_config(cfg) -> schedules.Schedule:
     d = diffusion_config(cfg)
     return schedules.make_schedule(d["schedule"], int(d["num_train_timesteps"]),
-                                   d["beta_start"], d["beta_end"])
+                                   d["beta_start"], d["beta_end"], float(d["snr_shift"]))
 
 
 def make_optimizer(cfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
