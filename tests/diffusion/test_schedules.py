@@ -132,3 +132,20 @@ def test_snr_matches_definition(ref):
     ac = ref["ddpm_linear_alphas_cumprod"]
     t = np.array([0, 10, 999])
     np.testing.assert_allclose(S.snr(schedule, t), ac[t] / (1 - ac[t]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["scaled_linear", "squaredcos_cap_v2"])
+def test_snr_shift_divides_every_snr_and_keeps_betas_consistent(ref, name):
+    base = S.make_schedule(name, 1000, *BETA_RANGES[name])
+    shifted = S.make_schedule(name, 1000, *BETA_RANGES[name], snr_shift=8.0)
+    t = np.arange(1000)
+    np.testing.assert_allclose(S.snr(base, t) / S.snr(shifted, t), 8.0, rtol=1e-4)
+    # The betas still generate the shifted alphas_cumprod, so every sampler sees one process.
+    np.testing.assert_allclose(S.alphas_cumprod_from_betas(shifted.betas),
+                               shifted.alphas_cumprod, rtol=1e-5)
+    assert np.all((shifted.betas > 0) & (shifted.betas < 1))
+    np.testing.assert_array_equal(S.make_schedule(name, 1000, *BETA_RANGES[name],
+                                                  snr_shift=1.0).alphas_cumprod,
+                                  ref[f"ddpm_{name}_alphas_cumprod"])
+    with pytest.raises(S.DiffusionError, match="snr_shift"):
+        S.make_schedule(name, snr_shift=0.0)
