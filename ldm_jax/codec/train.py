@@ -111,6 +111,9 @@ def train_step(state, batch, rng, *, cfg):
                                                state["disc_params"])
     disc_params = optax.apply_updates(state["disc_params"], d_updates)
 
+    # Forward only: the generator's update needs no gradient through the real clips' pass.
+    d_real = jax.lax.stop_gradient(disc.apply({"params": disc_params}, x))
+
     def gen_loss_fn(y, bottleneck):
         named = dict(bottleneck)
         named["mel/loss"] = losses.mel_loss(y, x, cfg.model.sample_rate)
@@ -118,8 +121,7 @@ def train_step(state, batch, rng, *, cfg):
         if weights.get("waveform/si_sdr_loss"):
             # Negative SI-SDR: a phase-aware term that short CPU runs need to learn waveforms.
             named["waveform/si_sdr_loss"] = losses.si_sdr_loss(y, x, clip_min=-30.0)
-        d_fake, d_real = _discriminate_pair(disc, disc_params, y, x)
-        d_real = jax.lax.stop_gradient(d_real)
+        d_fake = disc.apply({"params": disc_params}, y)
         named["adv/gen_loss"] = adversarial * losses.generator_adversarial_loss(d_fake, kind)
         named["adv/feat_loss"] = adversarial * losses.feature_matching_loss(d_fake, d_real)
         return losses.weighted_total(named, weights), named
