@@ -96,6 +96,8 @@ def _fmt(v):
 # ----------------------------------------------------------------------------------- tokenizer
 
 def cmd_tokenizer_train(args, cfg):
+    import numpy as np
+
     from ldm_jax.clap.text import Tokenizer
     from ldm_jax.data import builders
     source = builders.open_split(_data_dir(args, cfg), cfg.data.name, "train")
@@ -107,9 +109,18 @@ def cmd_tokenizer_train(args, cfg):
     if not out:
         raise config_lib.ConfigError("say where to write the tokenizer: --out PATH or --workdir W")
     tok.save(out)
-    tokens, _ = tok.encode(captions[0], cfg.tokenizer.max_length)
+    max_length = int(cfg.tokenizer.max_length)
+    tokens, _ = tok.encode(captions[0], max_length)
     print(f"tokenizer: {out} ({tok.vocab_size} pieces, {len(captions)} captions)")
     print(f"  {captions[0]!r} -> {tokens.tolist()}")
+    lengths = tok.lengths(captions)
+    cut = int(np.sum(lengths > max_length))
+    print(f"  caption tokens: median {int(np.median(lengths))}, longest {int(lengths.max())}; "
+          f"max_length {max_length}")
+    if cut:
+        print(f"warning: {cut} of {len(captions)} captions are longer than max_length="
+              f"{max_length} tokens and lose their ends; raise --config.tokenizer.max_length "
+              f"to {int(lengths.max())} to keep them whole", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------------------- codec

@@ -26,8 +26,16 @@ def test_data_show_and_tokenizer(data_dir, tmp_path, capsys):
     assert "instrument=" in out and "tempo_bpm=" in out and os.path.getsize(png) > 1000
     model = str(tmp_path / "tok" / "spm.model")
     assert cli.main(["tokenizer", "train", "--data-dir", data_dir, "--out", model,
-                     "--config.tokenizer.vocab_size=64"]) == 0
+                     "--config.tokenizer.vocab_size=64", "--config.tokenizer.max_length=128"]) == 0
     assert os.path.exists(model)
+    captured = capsys.readouterr()
+    assert "caption tokens: median" in captured.out and "warning" not in captured.err
+    # A length that cuts the captions is reported, with the length that keeps them whole.
+    assert cli.main(["tokenizer", "train", "--data-dir", data_dir, "--out", model,
+                     "--config.tokenizer.vocab_size=64", "--config.tokenizer.max_length=6"]) == 0
+    err = capsys.readouterr().err
+    assert "6 of 6 captions are longer than max_length=6" in err
+    assert "raise --config.tokenizer.max_length to " in err
 
 
 def test_rebuild_with_other_parameters_is_a_one_line_error(data_dir, capsys):

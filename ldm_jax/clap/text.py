@@ -55,8 +55,14 @@ class Tokenizer:
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int = 512,
-              model_type: str = "unigram") -> Tokenizer:
-        """Trains a model on captions; the vocabulary shrinks if the captions are too few for it."""
+              model_type: str = "bpe") -> Tokenizer:
+        """Trains a model on captions; the vocabulary shrinks if the captions are too few for it.
+
+        BPE is the default because it degrades gracefully on a small caption set: it merges whole
+        words before it runs out of merges. A unigram model trained on the 384 captions of the
+        tiny chain stops at 233 of 512 pieces and splits even "in" and "at", so half of those
+        captions exceed 32 tokens; BPE keeps every one of them under 32.
+        """
         texts = [t.strip() for t in texts if t and t.strip()]
         if not texts:
             raise TokenizerError("no captions to train the tokenizer on; the dataset has none")
@@ -95,6 +101,10 @@ class Tokenizer:
             tokens[i, : len(ids)] = ids
         mask = tokens != PAD_ID
         return (tokens[0], mask[0]) if single else (tokens, mask)
+
+    def lengths(self, texts: Sequence[str]) -> np.ndarray:
+        """Tokens each caption takes with BOS and EOS, before any truncation: int [B]."""
+        return np.asarray([len(ids) + 2 for ids in self._sp.EncodeAsIds(list(texts))], np.int64)
 
     def decode(self, tokens: np.ndarray) -> str | list[str]:
         """Inverse of `encode` up to SentencePiece normalisation; special ids are dropped."""

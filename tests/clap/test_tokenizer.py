@@ -40,3 +40,22 @@ def test_errors(tmp_path):
         Tokenizer.load(str(tmp_path / "missing.model"))
     with pytest.raises(TokenizerError, match="no captions"):
         Tokenizer.train(["", "  "])
+
+
+def test_lengths_count_bos_and_eos_before_truncation(tok):
+    captions = ["a slow organ melody in A minor", "fast bell", " ".join(CAPTIONS[:20])]
+    lengths = tok.lengths(captions)
+    _, mask = tok.encode(captions, max_length=256)
+    assert lengths.tolist() == mask.sum(axis=1).tolist() and lengths[2] > 64
+
+
+def test_bpe_keeps_synthetic_captions_whole():
+    """On a caption set the size of the tiny chain's, BPE learns whole words (unigram does not)."""
+    from ldm_jax.data import synthetic
+    captions = [synthetic.generate_example(0, i, "train", sample_rate=8000,
+                                           seconds=0.01)["caption"] for i in range(384)]
+    bpe = Tokenizer.train(captions, vocab_size=512, model_type="bpe")
+    unigram = Tokenizer.train(captions, vocab_size=512, model_type="unigram")
+    assert bpe.lengths(captions).max() <= 40
+    assert np.median(bpe.lengths(captions)) < np.median(unigram.lengths(captions))
+
