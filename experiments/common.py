@@ -36,8 +36,8 @@ def tokenizer(**overrides) -> ml_collections.ConfigDict:
     """SentencePiece model trained on the captions of the training split."""
     c = ml_collections.ConfigDict()
     c.vocab_size = 512
-    c.model_type = "unigram"
-    c.max_length = 32
+    c.model_type = "bpe"  # or "unigram"; see `Tokenizer.train` for why BPE by default
+    c.max_length = 40  # BOS + caption + EOS; `ldm-jax tokenizer train` reports what is cut
     c.path = ""  # empty means WORKDIR/tokenizer/spm.model
     c.update(overrides)
     return c
