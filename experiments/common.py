@@ -37,7 +37,7 @@ def tokenizer(**overrides) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.vocab_size = 512
     c.model_type = "bpe"  # or "unigram"; see `Tokenizer.train` for why BPE by default
-    c.max_length = 40  # BOS + caption + EOS; `ldm-jax tokenizer train` reports what is cut
+    c.max_length = 32  # BOS + caption + EOS; `ldm-jax tokenizer train` reports what is cut
     c.path = ""  # empty means WORKDIR/tokenizer/spm.model
     c.update(overrides)
     return c

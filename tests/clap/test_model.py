@@ -65,7 +65,7 @@ def tokenizer():
              "played", "softly", "loudly", "at", "BPM", "a", "piece"]
     rng = np.random.default_rng(0)
     captions = [" ".join(rng.choice(words, size=rng.integers(3, 9))) for _ in range(200)]
-    return Tokenizer.train(captions, vocab_size=48)
+    return Tokenizer.train(captions, vocab_size=48, model_type="unigram")
 
 
 def test_parameter_count_and_shapes(cfg, params, embed_fns):
