@@ -114,13 +114,13 @@ def cmd_tokenizer_train(args, cfg):
     print(f"tokenizer: {out} ({tok.vocab_size} pieces, {len(captions)} captions)")
     print(f"  {captions[0]!r} -> {tokens.tolist()}")
     lengths = tok.lengths(captions)
-    cut = int(np.sum(lengths > max_length))
-    print(f"  caption tokens: median {int(np.median(lengths))}, longest {int(lengths.max())}; "
+    longest, cut = int(lengths.max()), int(np.sum(lengths > max_length))
+    print(f"  caption tokens: median {int(np.median(lengths))}, longest {longest}; "
           f"max_length {max_length}")
     if cut:
         print(f"warning: {cut} of {len(captions)} captions are longer than max_length="
               f"{max_length} tokens and lose their ends; raise --config.tokenizer.max_length "
-              f"to {int(lengths.max())} to keep them whole", file=sys.stderr)
+              f"to {longest} to keep them whole", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------------------- codec

@@ -61,7 +61,7 @@ class Tokenizer:
         BPE is the default because it degrades gracefully on a small caption set: it merges whole
         words before it runs out of merges. A unigram model trained on the 384 captions of the
         tiny chain stops at 233 of 512 pieces and splits even "in" and "at", so half of those
-        captions exceed 32 tokens; BPE keeps every one of them under 32.
+        captions exceed 32 tokens; BPE keeps every one of them within 32.
         """
         texts = [t.strip() for t in texts if t and t.strip()]
         if not texts:
