@@ -126,7 +126,10 @@ class _Writer:
         if logdir:
             from tensorboardX import SummaryWriter
             self._logs = paths.SyncedDir(logdir)
-            self.tb = SummaryWriter(self._logs.local, flush_secs=30)
+            # TensorBoard names its file by the second and the host only: a resumed run started
+            # within the same second would overwrite the first run's events.
+            self.tb = SummaryWriter(self._logs.local, flush_secs=30,
+                                    filename_suffix=f".{os.getpid()}.{os.urandom(4).hex()}")
 
     def _sync(self):
         if not self._remote or time.monotonic() - self._synced < SYNC_SECONDS:

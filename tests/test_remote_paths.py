@@ -13,6 +13,7 @@ import importlib
 import io
 import json
 import os
+import types
 
 import flax.linen as nn
 import grain
@@ -316,6 +317,9 @@ def toy_iterator():
 def test_training_loop_logs_metrics_and_tensorboard_to_a_gs_workdir(gcs, monkeypatch):
     orbax_into_the_fake(monkeypatch, str(gcs))
     monkeypatch.setattr(loop, "SYNC_SECONDS", 0.0)
+    # Both runs start within the same second, which names TensorBoard's files alike.
+    from tensorboardX import event_file_writer
+    monkeypatch.setattr(event_file_writer, "time", types.SimpleNamespace(time=lambda: 1795283568.0))
     kwargs = dict(workdir=f"{W}/toy", log_cfg={"every_steps": 2, "progress": False},
                   checkpoint_cfg={"every_steps": 4}, logdir=f"{W}/logs/toy")
     first = loop.train(toy_task(), toy_iterator(), num_steps=4, **kwargs)
