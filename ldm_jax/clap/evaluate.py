@@ -5,7 +5,9 @@ caption ranks every test clip (and vice versa) by cosine similarity, and recall@
 queries whose own pair ranks in the top k. Zero-shot classification scores each clip against one
 text embedding per class, the normalised mean over several prompts ("prompt ensembling", CLIP
 section 3.1.4), for the attributes the synthetic generator records: instrument, mode
-(major/minor) and tempo class (slow/moderate/fast). Chance levels are reported beside each score.
+(major/minor), key (the tonic, 12 classes) and tempo class (slow/moderate/fast). Chance levels
+are reported beside each score. The key task tells whether the text embedding can carry the key
+into a diffusion model at all: it needs an audio tower that resolves semitones.
 """
 
 from __future__ import annotations
@@ -41,6 +43,12 @@ def mode_prompts(mode: str) -> list[str]:
     return [f"a piece in {key} {mode}" for key in synthetic.KEYS] + [f"music in a {mode} key"]
 
 
+def key_prompts(key: str) -> list[str]:
+    spellings = (key,) + ((synthetic.KEY_SPELLINGS[key],) if key in synthetic.KEY_SPELLINGS else ())
+    return [f"a piece in {k} {mode}" for k in spellings for mode in synthetic.MODES] + [
+        f"music in the key of {k}" for k in spellings]
+
+
 def tempo_prompts(tempo: str) -> list[str]:
     return ([f"{_article(w)} piece" for w in synthetic.TEMPO_WORDS[tempo]]
             + [f"a piece played {p}" for p in synthetic.TEMPO_PHRASES[tempo]])
@@ -51,6 +59,8 @@ ZERO_SHOT_TASKS: dict[str, tuple[Sequence[str], Callable, Callable]] = {
     "instrument": (synthetic.INSTRUMENTS, instrument_prompts,
                    lambda ex: ex.get("instrument") or None),
     "mode": (synthetic.MODES, mode_prompts, lambda ex: ex.get("mode") or None),
+    # The tonic: a CLAP whose audio tower cannot resolve pitch scores chance (1/12) here.
+    "key": (synthetic.KEYS, key_prompts, lambda ex: ex.get("key") or None),
     "tempo": (synthetic.TEMPI, tempo_prompts,
               lambda ex: synthetic.tempo_class(float(ex["tempo_bpm"]))
               if "tempo_bpm" in ex else None),

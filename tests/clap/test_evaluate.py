@@ -58,12 +58,22 @@ def test_train_evaluate_retrieve_on_a_built_dataset(built):
             assert metrics[key[len("eval/"):]] == pytest.approx(value, abs=1e-6)
     assert metrics["audio_to_text/recall_at_10"] == 1.0  # 10 > 8 candidates
     assert metrics["chance/zero_shot/instrument"] == pytest.approx(1 / 6)
+    test = builders.open_split(data_dir, "synthetic_music", "test")
+    keyed = sum(bool(test[i]["key"]) for i in range(len(test)))  # drum grooves have no key
+    assert keyed and metrics["chance/zero_shot/key"] == pytest.approx(1 / 12)
     hits = clap_eval.retrieve(workdir, data_dir, "a slow organ melody", top=3, model=model)
     assert len(hits) == 3 and all(h[0].startswith("test_") for h in hits)
     assert [h[2] for h in hits] == sorted((h[2] for h in hits), reverse=True)
     assert clap_eval.retrieve(workdir, data_dir, "a slow organ melody", top=3,
                               model=model) == hits  # from the cached clip embeddings
     assert os.path.isfile(os.path.join(workdir, "embeddings_test.npz"))
+
+
+def test_key_prompts_name_the_tonic_in_each_spelling_and_mode():
+    assert clap_eval.key_prompts("Bb") == ["a piece in Bb major", "a piece in Bb minor",
+                                           "a piece in B flat major", "a piece in B flat minor",
+                                           "music in the key of Bb", "music in the key of B flat"]
+    assert len(clap_eval.key_prompts("C")) == 3
 
 
 def test_recall_at_k_counts_ranks_of_the_diagonal():
