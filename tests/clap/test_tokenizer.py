@@ -56,6 +56,6 @@ def test_bpe_keeps_synthetic_captions_whole():
                                            seconds=0.01)["caption"] for i in range(384)]
     bpe = Tokenizer.train(captions, vocab_size=512, model_type="bpe")
     unigram = Tokenizer.train(captions, vocab_size=512, model_type="unigram")
-    assert bpe.lengths(captions).max() <= 32
-    assert np.median(bpe.lengths(captions)) < np.median(unigram.lengths(captions))
-
+    lengths = bpe.lengths(captions)
+    assert lengths.max() <= 32
+    assert np.median(lengths) < np.median(unigram.lengths(captions))
