@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import traverse_util
 
 from ldm_jax import paths
 from ldm_jax.clap.audio import AudioEncoder
@@ -223,19 +224,61 @@ def embed_audio(params, wave, mask, cfg) -> jax.Array:
     return aux["embedding"]
 
 
+def text_layer_index(cfg, layer: int) -> int:
+    """`layer` of the text tower as an index into (embeddings, block_0, ..., final states).
+
+    0 is the token and position embeddings, k the output of transformer block k - 1, and
+    `num_layers` (or -1) the tower's final states; negative values count from the end, as
+    "clip skip" does (-2 is the penultimate block).
+    """
+    n = int(_model_cfg(cfg)["text"]["num_layers"])
+    index = layer + n + 1 if layer < 0 else layer
+    if not 0 <= index <= n:
+        raise ClapError(f"text layer {layer} is outside the text tower's {n} blocks; use "
+                        f"0..{n} or -{n + 1}..-1")
+    return index
+
+
+def make_text_embedder(cfg, layer: int = -1):
+    """Jitted `(params, tokens, mask) -> (states [B, L, D], embedding [B, E])`, the states taken
+    from text `layer` (see `text_layer_index`).
+
+    The final layer's states are the tower's output (after its last LayerNorm). An earlier
+    layer's are standardised per token without parameters (zero mean, unit variance over D), so
+    every layer reaches a consumer at the same scale; padding stays zero.
+    """
+    model = make_model(cfg)
+    n = int(_model_cfg(cfg)["text"]["num_layers"])
+    index = text_layer_index(cfg, layer)
+    target = "positions" if index == 0 else f"block_{index - 1}"
+
+    def final(p, tokens, mask):
+        states, aux = model.apply({"params": p}, tokens, mask, method=Clap.encode_text)
+        return states, aux["embedding"]
+
+    def hidden(p, tokens, mask):
+        (_, aux), captured = model.apply(
+            {"params": p}, tokens, mask, method=Clap.encode_text,
+            capture_intermediates=lambda module, _: module.name == target,
+            mutable=["intermediates"])
+        found = [v for path, v in traverse_util.flatten_dict(captured).items()
+                 if path[-2] == target]
+        h = jnp.asarray(found[0][0], jnp.float32)
+        h = (h - h.mean(-1, keepdims=True)) * jax.lax.rsqrt(h.var(-1, keepdims=True) + 1e-5)
+        return jnp.where(jnp.asarray(mask, bool)[..., None], h, 0.0), aux["embedding"]
+
+    return jax.jit(final if index == n else hidden)
+
+
 def make_embedders(cfg) -> tuple:
     """Jitted `(params, tokens, mask) -> (states [B, L, D], embedding [B, E])` and
     `(params, wave, mask) -> embedding [B, E]`, compiled once per input shape."""
     model = make_model(cfg)
 
-    def text_fn(p, tokens, mask):
-        states, aux = model.apply({"params": p}, tokens, mask, method=Clap.encode_text)
-        return states, aux["embedding"]
-
     def audio_fn(p, wave, mask):
         return model.apply({"params": p}, wave, mask, method=Clap.encode_audio)[1]["embedding"]
 
-    return jax.jit(text_fn), jax.jit(audio_fn)
+    return make_text_embedder(cfg), jax.jit(audio_fn)
 
 
 def _batches(n: int, size: int):
@@ -263,6 +306,16 @@ class ClapModel:
                             f"embeds {cfg.model.text.vocab_size}; use the run's own tokenizer")
         self.embedders = make_embedders(cfg)
         self._text, self._audio = self.embedders
+        self._layers = {}
+
+    def text_embedder(self, layer: int = -1):
+        """`make_text_embedder(cfg, layer)`, built once per layer."""
+        index = text_layer_index(self.cfg, layer)
+        if index == text_layer_index(self.cfg, -1):
+            return self._text
+        if index not in self._layers:
+            self._layers[index] = make_text_embedder(self.cfg, layer)
+        return self._layers[index]
 
     @classmethod
     def load(cls, workdir: str, step: int | None = None, batch_size: int = 64) -> ClapModel:

@@ -129,6 +129,7 @@ class Generator:
         d = ldm_train.diffusion_config(cfg)
         self.objective, self.normalize = d["objective"], d["normalize"]
         self.mode = ldm_train.conditioning_mode(cfg)
+        self.text_layer = int(ldm_train.train_config(cfg)["text_layer"])
         self.unet = make_unet(cfg.model)
         self.schedule = ldm_train.schedule_from_config(cfg)
         self._fns = {}
@@ -144,7 +145,7 @@ class Generator:
 
     def condition(self, prompts: Sequence[str]) -> dict:
         """CLAP conditions of the prompts (as in training; see `train.text_condition`)."""
-        return ldm_train.text_condition(self.clap, list(prompts), self.mode)
+        return ldm_train.text_condition(self.clap, list(prompts), self.mode, self.text_layer)
 
     def encode_audio(self, audio, frames: int) -> tuple[np.ndarray, np.ndarray]:
         """Clips at the codec's rate -> (normalised latents [B, frames, D], bool [B, frames]

@@ -49,7 +49,8 @@ DIFFUSION_DEFAULTS = dict(
 )
 TRAIN_DEFAULTS = dict(lr=1e-4, warmup=0, lr_schedule="constant", weight_decay=0.0, b1=0.9,
                       b2=0.999, eps=1e-8, grad_clip=1.0, ema_decay=0.999,
-                      condition_on_audio=False)
+                      condition_on_audio=False,
+                      text_layer=-1)  # CLAP text layer the U-Net's context is taken from
 
 
 def diffusion_config(cfg) -> dict:
@@ -123,7 +124,7 @@ def bucket_rows(n: int, limit: int) -> int:
     return min(max(limit, n), 1 << max(n - 1, 0).bit_length())
 
 
-def text_condition(clap_model, texts, mode: str = "states") -> dict:
+def text_condition(clap_model, texts, mode: str = "states", layer: int = -1) -> dict:
     """Frozen CLAP conditioning of captions.
 
     Args:
@@ -131,6 +132,8 @@ def text_condition(clap_model, texts, mode: str = "states") -> dict:
       texts: list of B captions.
       mode: "states" (token states as context) or "embedding" (the text embedding as a
         one-token context, for models trained with `train.condition_on_audio`).
+      layer: the text tower layer whose token states are the context (`train.text_layer`; see
+        `clap.model.text_layer_index`); the pooled embedding is always the final one.
 
     Returns:
       {"context": float32 [B, L, D] (L = 1 in embedding mode), "context_mask": bool [B, L],
@@ -138,7 +141,7 @@ def text_condition(clap_model, texts, mode: str = "states") -> dict:
     """
     texts = [t.decode() if isinstance(t, bytes) else str(t) for t in texts]
     tokens, mask = clap_model.tokenizer.encode(texts, clap_model.max_length)
-    text_fn = clap_model.embedders[0]
+    text_fn = clap_model.text_embedder(layer)
     states, pooled = [], []
     for start in range(0, len(texts), clap_model.batch_size):
         n = min(clap_model.batch_size, len(texts) - start)
@@ -250,6 +253,7 @@ class Prepare:
         self.scale = scale
         self.normalize = diffusion_config(cfg)["normalize"]
         self.mode = conditioning_mode(cfg)
+        self.text_layer = int(train_config(cfg)["text_layer"])
         if self.normalize == "channel" and not hasattr(scale, "normalize"):
             raise DiffusionError("diffusion.normalize='channel' needs the latent statistics "
                                  "(a LatentStats), not a bare scale factor")
@@ -269,7 +273,7 @@ class Prepare:
                                      "the batch (train() adds the clips' CLAP audio embeddings)")
             cond = embedding_condition(batch["clap_audio"])
         else:
-            cond = text_condition(self.clap, list(batch["caption"]), self.mode)
+            cond = text_condition(self.clap, list(batch["caption"]), self.mode, self.text_layer)
         return {"latents": x, "latents_mask": mask, **cond}
 
 

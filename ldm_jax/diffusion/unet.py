@@ -57,7 +57,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from ldm_jax.diffusion.schedules import DiffusionError
-from ldm_jax.nn.attention import TransformerBlock
+from ldm_jax.nn.attention import MultiHeadAttention, TransformerBlock
 from ldm_jax.nn.embeddings import TimestepEmbedding
 from ldm_jax.parallel import BATCH_AXES
 
@@ -78,6 +78,7 @@ DEFAULTS: dict[str, Any] = dict(
     norm_groups=32,
     context_dim=128,  # width of the text states; 0 builds no cross-attention
     pooled_dim=128,  # width of the pooled text embedding; 0 builds no projection
+    context_pooling="none",  # "attention": an attention-pooled context joins the time embedding
     dropout=0.0,
     remat=False,
     remat_policy="nothing_saveable",  # one of REMAT_POLICIES
@@ -207,6 +208,7 @@ class UNet(nn.Module):
     norm_groups: int = 32
     context_dim: int = 128
     pooled_dim: int = 128
+    context_pooling: str = "none"
     dropout: float = 0.0
     remat: bool = False
     remat_policy: str = "nothing_saveable"
@@ -312,11 +314,18 @@ class UNet(nn.Module):
                 pooled = jnp.zeros((batch, self.pooled_dim), self.dtype)
             emb = emb + nn.Dense(emb.shape[-1], use_bias=False, name="pooled_proj",
                                  **kw)(pooled.astype(self.dtype))
+        keys, keys_mask = (self._context(batch, context, context_mask) if self.context_dim
+                           else (None, None))
+        if self.context_pooling == "attention":
+            query = self.param("context_pool_query", nn.initializers.normal(1.0),
+                               (1, 1, self.context_dim), self.param_dtype)
+            emb = emb + MultiHeadAttention(self.num_heads, out_features=emb.shape[-1],
+                                           name="context_pool", **kw)(
+                jnp.broadcast_to(query, (batch, 1, self.context_dim)).astype(self.dtype), keys,
+                key_mask=keys_mask)[:, 0]
         # The embedding is small: left free, GSPMD shards its features like the FSDP kernels
         # around it and all-gathers the batch of every ResBlock's conditioning instead.
         emb = _pin_batch(emb)
-        keys, keys_mask = (self._context(batch, context, context_mask) if self.context_dim
-                           else (None, None))
 
         h = jnp.pad(x.astype(self.dtype), ((0, 0), (0, padded - frames), (0, 0)))
         h = h.reshape(batch, padded // p, p * self.latent_channels)
@@ -391,6 +400,12 @@ def _model_fields(model_cfg) -> dict[str, Any]:
         if heads < 1 or width % heads:
             raise DiffusionError(f"{width} channels do not split into attention heads; change "
                                  "model.num_heads or model.head_dim")
+    if f["context_pooling"] not in ("none", "attention"):
+        raise DiffusionError(f"model.context_pooling {f['context_pooling']!r}: use 'none' or "
+                             "'attention'")
+    if f["context_pooling"] == "attention" and not f["context_dim"]:
+        raise DiffusionError("model.context_pooling='attention' pools the text states: set "
+                             "model.context_dim")
     if f["remat_policy"] not in REMAT_POLICIES:
         raise DiffusionError(f"model.remat_policy {f['remat_policy']!r} is not one of "
                              f"{', '.join(REMAT_POLICIES)}")

@@ -126,6 +126,31 @@ def test_text_embedding_does_not_depend_on_padding(params, tokenizer, embed_fns)
     np.testing.assert_allclose(mean[1], np.asarray(s2)[1, :m2[1].sum()].mean(0), atol=1e-6)
 
 
+def test_text_layers_are_the_embeddings_blocks_and_final_states(params, tokenizer, embed_fns):
+    cfg = make_test_config(text={**make_test_config().text, "num_layers": 2})
+    two = jax.jit(lambda r: clap_model.init_params(cfg, r))(jax.random.key(3))
+    tokens, mask = tokenizer.encode(["slow organ melody in C major", "a bell"], MAX_LEN)
+    final, emb = clap_model.make_embedders(cfg)[0](two, tokens, mask)
+    standardise = lambda h: np.where(mask[..., None], (h - h.mean(-1, keepdims=True)) / np.sqrt(
+        h.var(-1, keepdims=True) + 1e-5), 0.0)
+    text = two["text"]
+    by_hand = standardise(np.asarray(text["token_embedding"]["embedding"])[tokens]
+                          + np.asarray(text["positions"]["position_embedding"])[:MAX_LEN])
+    for layer in (0, -3):
+        states, emb0 = clap_model.make_text_embedder(cfg, layer)(two, tokens, mask)
+        np.testing.assert_allclose(states, by_hand, atol=1e-4)
+        np.testing.assert_array_equal(emb0, emb)  # the pooled embedding is always the final one
+    for layer in (2, -1):
+        np.testing.assert_array_equal(clap_model.make_text_embedder(cfg, layer)(
+            two, tokens, mask)[0], final)
+    block = np.asarray(clap_model.make_text_embedder(cfg, -2)(two, tokens, mask)[0])
+    assert np.abs(block - by_hand).max() > 0.1 and np.abs(block - np.asarray(final)).max() > 0.1
+    np.testing.assert_allclose(block[mask].std(-1), 1.0, rtol=1e-3)
+    for layer in (3, -4):
+        with pytest.raises(clap_model.ClapError, match=f"text layer {layer} is outside"):
+            clap_model.make_text_embedder(cfg, layer)
+
+
 def test_long_text_is_truncated_and_empty_caption_is_handled(cfg, params, tokenizer):
     long = " ".join(["slow organ melody played softly"] * 10)
     tokens, mask = tokenizer.encode([long, ""], MAX_LEN)
