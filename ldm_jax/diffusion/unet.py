@@ -34,7 +34,9 @@ Conditioning: cross-attention keys are a learned null token followed by the text
 `[True] + context_mask`. A caption that is entirely padding (dropped for classifier-free guidance,
 or `context=None`) therefore attends to the null token alone: finite in value and gradient, and
 identical to `context=None`. `pooled=None` equals a zero pooled embedding (its projection has no
-bias).
+bias). With `context_pooling="attention"` a learned query also attends over those keys and its
+output joins the timestep embedding (Imagen's attention pooling, Saharia et al., 2022), so every
+ResNet block is conditioned on the whole caption, not only the attention stages.
 
 Sharding: traced under `jax.set_mesh(mesh)`, block outputs and skip concatenations are pinned to
 the batch axes of `ldm_jax.parallel`, so FSDP-sharded kernels are gathered instead of the

@@ -162,6 +162,34 @@ def test_fully_masked_context_equals_no_context(model, params, batch, out):
     assert np.max(np.abs(y[1:6] - out[1:6])) > 1e-3
 
 
+def test_attention_pooled_context_joins_the_time_embedding(batch):
+    """Imagen's pooling: padding is ignored, a real token matters, and the path is wired in."""
+    pooling = make_test_model(attention_levels=(), context_pooling="attention")
+    weights = random_params(pooling)
+    added = sum(x.size for x in jax.tree_util.tree_leaves(weights["params"]["context_pool"]))
+    assert sum(x.size for x in jax.tree_util.tree_leaves(weights)) == TEST_PARAMS + added + D
+    assert added == 3 * (D * D + D) + D * 256 + 256
+    mask = np.asarray(batch["context_mask"])
+    junk = np.where(mask[..., None], np.asarray(batch["context"]), 50.0)
+    varied = np.array(junk)
+    varied[7, 0] *= -1.0  # row 7's one real token
+    silenced = jax.tree_util.tree_map(lambda x: x, weights)
+    silenced["params"]["context_pool"]["out"]["kernel"] = jnp.zeros((D, 256))
+    forward = jax.jit(functools.partial(_forward, pooling))
+    base = np.asarray(forward(weights, batch))
+    y = np.asarray(forward(weights, dict(batch, context=jnp.asarray(junk))))
+    np.testing.assert_allclose(y, base, atol=1e-5, rtol=1e-5)
+    y = np.asarray(forward(weights, dict(batch, context=jnp.asarray(varied))))
+    assert np.max(np.abs(y[7] - base[7])) > 1e-3
+    np.testing.assert_allclose(np.delete(y, 7, 0), np.delete(base, 7, 0), atol=1e-5, rtol=1e-5)
+    y = np.asarray(forward(silenced, batch))
+    assert np.max(np.abs(y - base)) > 1e-3
+    with pytest.raises(DiffusionError, match="context_pooling='attention' pools the text"):
+        make_test_model(context_pooling="attention", context_dim=0)
+    with pytest.raises(DiffusionError, match="model.context_pooling 'max'"):
+        make_test_model(context_pooling="max")
+
+
 def test_odd_length_is_padded_and_cropped(model, params, batch):
     y = jax.jit(functools.partial(_forward, model))(
         params, dict(batch, x=batch["x"][:2, :7], t=batch["t"][:2], context=batch["context"][:2],
