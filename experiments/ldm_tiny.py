@@ -30,8 +30,7 @@ def get_config(arg=None):
         latent_channels=16, patch_size=1, base_channels=64, channel_mult=(1, 2), num_res_blocks=1,
         attention_levels=(1,), num_heads=4, head_dim=0, transformer_depth=1, mlp_ratio=4,
         norm_groups=32, context_dim=128, pooled_dim=128, context_pooling="none", dropout=0.0,
-        remat=False,
-        remat_policy="nothing_saveable", dtype="float32"))
+        remat=False, remat_policy="nothing_saveable", dtype="float32"))
     c.diffusion = ml_collections.ConfigDict(dict(
         schedule="scaled_linear", num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
         objective="v", min_snr_gamma=5.0, snr_shift=1.0, cond_drop=0.1, normalize="global"))

@@ -129,7 +129,7 @@ class Generator:
         d = ldm_train.diffusion_config(cfg)
         self.objective, self.normalize = d["objective"], d["normalize"]
         self.mode = ldm_train.conditioning_mode(cfg)
-        self.text_layer = int(ldm_train.train_config(cfg)["text_layer"])
+        self.text_layer = ldm_train.text_layer(cfg, clap)
         self.unet = make_unet(cfg.model)
         self.schedule = ldm_train.schedule_from_config(cfg)
         self._fns = {}

@@ -105,6 +105,18 @@ def conditioning_mode(cfg) -> str:
     return "embedding" if train_config(cfg)["condition_on_audio"] else "states"
 
 
+def text_layer(cfg, clap_model) -> int:
+    """`train.text_layer`, checked against the CLAP text tower's depth."""
+    from ldm_jax.clap.model import ClapError, text_layer_index
+
+    layer = int(train_config(cfg)["text_layer"])
+    try:
+        text_layer_index(clap_model.cfg, layer)
+    except ClapError as e:
+        raise DiffusionError(f"train.text_layer: {e}") from None
+    return layer
+
+
 def check_clap(cfg, clap_model):
     """The U-Net's context and pooled widths must be those of the CLAP model."""
     m, c = cfg.model, clap_model.cfg.model
@@ -253,7 +265,7 @@ class Prepare:
         self.scale = scale
         self.normalize = diffusion_config(cfg)["normalize"]
         self.mode = conditioning_mode(cfg)
-        self.text_layer = int(train_config(cfg)["text_layer"])
+        self.text_layer = text_layer(cfg, clap_model)
         if self.normalize == "channel" and not hasattr(scale, "normalize"):
             raise DiffusionError("diffusion.normalize='channel' needs the latent statistics "
                                  "(a LatentStats), not a bare scale factor")

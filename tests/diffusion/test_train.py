@@ -135,6 +135,21 @@ def test_prepare_scales_latents_and_conditions_on_clap_text(setup):
     np.testing.assert_allclose(z[1], (raw["latents"][1] - stats.mean) / stats.std, rtol=1e-5)
 
 
+def test_text_layer_picks_the_states_the_unet_reads(setup):
+    _, clap, _ = setup
+    raw = host_batch(0)
+    captions = list(raw["caption"])
+    batch = ldm_train.Prepare(ldm_config("train.text_layer=0"), clap, make_stats())(raw)
+    tokens, mask = clap.tokenizer.encode(captions, clap.max_length)
+    states, emb = clap_model.make_text_embedder(clap.cfg, 0)(clap.params, tokens, mask)
+    np.testing.assert_allclose(batch["context"], states, rtol=1e-5, atol=1e-5)
+    final, _ = clap.text_states(captions)
+    assert np.abs(batch["context"] - final).max() > 0.1
+    np.testing.assert_allclose(batch["pooled"], emb, rtol=1e-5, atol=1e-6)
+    with pytest.raises(DiffusionError, match="train.text_layer: text layer 5 is outside"):
+        ldm_train.Prepare(ldm_config("train.text_layer=5"), clap, make_stats())
+
+
 def test_audio_conditioning_uses_the_clip_embedding(setup):
     _, clap, _ = setup
     cfg = ldm_config("train.condition_on_audio=True", "model.context_dim=16")
