@@ -156,7 +156,7 @@ def test_sample_doubles_the_batch():
         overrides=tuple(f"ldm.{o}" for o in UNET) + (
             "codec.model.decoder_dim=16", "codec.model.encoder_dim=4")))
     check_record(r, "sample")
-    assert r["frame_rate"] == 400.0 and r["frames"] == 21 and r["steps"] == 2
+    assert r["frame_rate"] == 50.0 and r["frames"] == 3 and r["steps"] == 2
     assert [row["batch"] for row in r["rows"]] == [1, 2] and r["largest_batch"] == 2
     for row in r["rows"]:
         assert all(positive(row[k]) for k in ("rtf", "rtf_sampler", "rtf_decode", "mfu",
