@@ -311,7 +311,9 @@ def _generation_eval_run(cfg, workdir):
         seconds=e.seconds, steps=e.steps, sampler=e.sampler, cfg_scale=e.cfg_scale,
         seed=e.seed, batch_size=e.batch_size, out_path=out)
     keys = ("fd_clap", "untrained/fd_clap", "clap_score", "generated/key_accuracy",
-            "generated/tempo_accuracy", "chance/key_accuracy", "chance/tempo_accuracy")
+            "generated/tempo_accuracy", "chance/key_accuracy", "chance/tempo_accuracy",
+            "shuffled/key_accuracy", "p_value/key_accuracy", "shuffled/tempo_accuracy",
+            "p_value/tempo_accuracy")
     return {k: result[k] for k in keys if k in result}
 
 

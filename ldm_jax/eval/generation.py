@@ -12,7 +12,9 @@
   mode, tempo and loudness class of each generated clip against the attributes of the test example
   its prompt was taken from; the same analysis of the real test clips gives the analyser's own
   accuracy (the ceiling a perfect generator would reach), and the attribute distribution gives the
-  chance level.
+  chance level. Scoring the generated clips against permuted references (`shuffled/...`, with
+  permutation p-values under `p_value/...`) keeps any bias of the generator or the analyser
+  towards one class and removes only the prompt: adherence is what exceeds it.
 """
 
 from __future__ import annotations
@@ -137,8 +139,8 @@ def _mono(audio):
 
 def _generated_scores(gen, params, prompts, references, real_emb, text_emb, settings,
                       desc: str) -> dict:
-    """Generates with U-Net `params` and scores the clips: fd_clap, clap_score and adherence
-    (accuracies and the counts `n_...`)."""
+    """Generates with U-Net `params` and scores the clips: fd_clap, clap_score, adherence
+    (accuracies and the counts `n_...`) and, under `analyses`, the clips' analyses."""
     trained = gen.params
     gen.params = params
     try:
@@ -146,9 +148,9 @@ def _generated_scores(gen, params, prompts, references, real_emb, text_emb, sett
     finally:
         gen.params = trained
     emb = gen.clap.embed_audio(audio, sample_rate=gen.sample_rate)
+    analyses = _analyse_all(audio, gen.sample_rate, settings["progress"], desc)
     return {"fd_clap": frechet_distance(real_emb, emb), "clap_score": clap_score(emb, text_emb),
-            **music.adherence(_analyse_all(audio, gen.sample_rate, settings["progress"], desc),
-                              references)}
+            **music.adherence(analyses, references), "analyses": analyses}
 
 
 def _initial_params(gen, seed: int):
@@ -188,7 +190,9 @@ def evaluate_generation(workdir: str, data_dir_or_latents: str, *, num_prompts: 
       `clap_score_real`; for generated clips (`generated/...`), real clips (`real/...`) and
       chance (`chance/...`): key_accuracy, mode_accuracy, key_mode_accuracy, tempo_accuracy
       (within 8%), tempo_octave_accuracy (also at half or double tempo), loudness_accuracy; and
-      the counts of scored prompts; with `untrained`, `untrained/fd_clap`,
+      the counts of scored prompts; the generated clips against permuted references
+      (`shuffled/...`, 1000 permutations) and the permutation p-value of the true pairing
+      (`p_value/...`, see `music.shuffled`); with `untrained`, `untrained/fd_clap`,
       `untrained/clap_score` and the untrained model's adherence (`untrained/key_accuracy`...).
     """
     from ldm_jax.diffusion import generate
@@ -207,6 +211,7 @@ def evaluate_generation(workdir: str, data_dir_or_latents: str, *, num_prompts: 
     score = functools.partial(_generated_scores, gen, prompts=prompts, references=references,
                               real_emb=real_emb, text_emb=text_emb, settings=settings)
     generated = score(gen.params, desc="analyse generated")
+    shuffled, p_values = music.shuffled(generated.pop("analyses"), references, seed=seed)
     result = {"num_prompts": len(prompts), "seconds": float(seconds), "steps": int(steps),
               "sampler": sampler, "cfg_scale": float(cfg_scale),
               "fd_clap": generated.pop("fd_clap"), "clap_score": generated.pop("clap_score"),
@@ -217,8 +222,11 @@ def evaluate_generation(workdir: str, data_dir_or_latents: str, *, num_prompts: 
         result[f"generated/{k}" if not k.startswith("n_") else k] = v
     result.update({f"real/{k}": v for k, v in ceiling.items() if not k.startswith("n_")})
     result.update({f"chance/{k}": v for k, v in music.chance(references).items()})
+    result.update({f"shuffled/{k}": v for k, v in shuffled.items()})
+    result.update({f"p_value/{k}": v for k, v in p_values.items()})
     if untrained:
         baseline = score(_initial_params(gen, seed), desc="analyse untrained")
+        baseline.pop("analyses")
         result.update({f"untrained/{k}": v for k, v in baseline.items()
                        if not k.startswith("n_")})
     if out_path:

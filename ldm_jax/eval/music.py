@@ -170,6 +170,41 @@ def adherence(analyses: list[dict], references: list[dict]) -> dict:
     }
 
 
+def shuffled(analyses: list[dict], references: list[dict], rounds: int = 1000,
+             seed: int = 0) -> tuple[dict, dict]:
+    """Adherence of the same clips to other prompts' references: a permutation test.
+
+    `chance` assumes guesses independent of any bias; a generator that leans towards one class
+    (or the analyser that does) scores above it without reading the prompt. Scoring the clips
+    against randomly permuted references keeps every bias and removes only the pairing.
+
+    Args:
+      analyses, references: as `adherence`.
+      rounds: random permutations.
+      seed: their seed.
+
+    Returns:
+      `(means, p_values)`, each keyed like `adherence`'s accuracies: the mean accuracy over the
+      permutations, and the one-sided permutation p-value of the true pairing,
+      `(1 + #{permuted >= true}) / (1 + rounds)`.
+    """
+    true = adherence(analyses, references)
+    keys = [k for k in true if not k.startswith("n_")]
+    rng = np.random.default_rng(seed)
+    runs = [adherence(analyses, [references[i] for i in rng.permutation(len(references))])
+            for _ in range(int(rounds))]
+    means, p_values = {}, {}
+    for k in keys:
+        values = np.asarray([r[k] for r in runs], np.float64)
+        values = values[np.isfinite(values)]
+        if np.isnan(true[k]) or not values.size:
+            means[k] = p_values[k] = float("nan")
+            continue
+        means[k] = float(values.mean())
+        p_values[k] = float((1 + np.sum(values >= true[k] - 1e-12)) / (1 + values.size))
+    return means, p_values
+
+
 def chance(references: list[dict]) -> dict:
     """Accuracy of a guess drawn from the references' own attribute distribution.
 

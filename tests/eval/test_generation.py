@@ -96,3 +96,23 @@ def test_chance_levels_follow_the_attribute_distribution():
     assert chance["tempo_accuracy"] == pytest.approx(0.5)
     perfect = music.adherence([dict(r, loudness_db=-13.0) for r in refs], refs)
     assert perfect["key_mode_accuracy"] == 1.0 and perfect["tempo_accuracy"] == 1.0
+
+
+def test_shuffled_references_keep_the_bias_and_remove_the_prompt():
+    refs = [{"key": k, "mode": "major", "tempo_bpm": 60.0 + 10 * i, "loudness": "loud"}
+            for i, k in enumerate(list(synthetic.KEYS) * 2)]
+    # A generator that follows every prompt: far above its permutations.
+    perfect = [dict(r, loudness_db=-13.0) for r in refs]
+    means, p = music.shuffled(perfect, refs, rounds=200)
+    assert means["key_accuracy"] == pytest.approx(1 / 12, abs=0.02)
+    assert p["key_accuracy"] == pytest.approx(1 / 201) and p["tempo_accuracy"] == 1 / 201
+    # Constant loudness: every permutation matches as well as the true pairing.
+    assert means["loudness_accuracy"] == 1.0 and p["loudness_accuracy"] == 1.0
+    # A generator that always answers the commonest key beats `chance` without reading the
+    # prompt; its permutations score exactly as well.
+    skewed = refs[:12] + [dict(r, key="Bb") for r in refs[12:]]
+    constant = [dict(r, key="Bb", loudness_db=-13.0) for r in skewed]
+    true = music.adherence(constant, skewed)["key_accuracy"]
+    means, p = music.shuffled(constant, skewed, rounds=50)
+    assert true == pytest.approx(13 / 24) and true > music.chance(skewed)["key_accuracy"]
+    assert means["key_accuracy"] == pytest.approx(true) and p["key_accuracy"] == 1.0
