@@ -306,13 +306,11 @@ class ClapModel:
                             f"embeds {cfg.model.text.vocab_size}; use the run's own tokenizer")
         self.embedders = make_embedders(cfg)
         self._text, self._audio = self.embedders
-        self._layers = {}
+        self._layers = {text_layer_index(cfg, -1): self._text}
 
     def text_embedder(self, layer: int = -1):
         """`make_text_embedder(cfg, layer)`, built once per layer."""
         index = text_layer_index(self.cfg, layer)
-        if index == text_layer_index(self.cfg, -1):
-            return self._text
         if index not in self._layers:
             self._layers[index] = make_text_embedder(self.cfg, layer)
         return self._layers[index]
