@@ -1,17 +1,28 @@
-"""Device mesh, partition rules, multi-host start and global batches.
+"""Device mesh, partition rules, multi-host start and coordination, global batches.
 
 One `jax.sharding.Mesh` with the named axes `data`, `fsdp` and `tensor` (the GSPMD recipe of
 Xu et al. 2021, as used by big_vision and MaxText). Batches are sharded over (`data`, `fsdp`);
 parameters are sharded over `fsdp` (ZeRO-3 style, Rajbhandari et al. 2020) on their largest
 divisible axis, and over `tensor` where a rule says so. All rules live here, for every model.
+
+Several hosts (JAX processes) run the same program. A collective — a barrier, a gather, an orbax
+checkpoint manager, a step over arrays that span hosts — must be reached by every host or by
+none. Work outside training is shared by whole batches: batch k of a sequence goes to host
+k mod N (`host_batches`, `map_batches`), so every batch is the one a single host would form and
+results gathered in order (`gather_batches`) equal a single host's. Work that one host does
+alone (building a dataset, writing a report) runs in `on_leader`, inside `leader_only`, which
+turns any multi-host call made there into a `MultiHostError` naming it, on one host as on many:
+such a call would wait forever for hosts that never come.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import pickle
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
@@ -64,6 +75,8 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
 
 def make_mesh(mesh_cfg=None, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """Builds the (data, fsdp, tensor) mesh from a config section (default: all data-parallel)."""
+    if devices is None:
+        require_all_hosts("a device mesh over every host's devices")
     devices = list(devices if devices is not None else jax.devices())
     mesh_cfg = mesh_cfg if mesh_cfg is not None else {"data": -1, "fsdp": 1, "tensor": 1}
     shape = mesh_shape(mesh_cfg, len(devices))
@@ -165,11 +178,208 @@ def per_host_batch(global_batch_size: int, mesh: Mesh | None = None) -> int:
     return global_batch_size // hosts
 
 
+# ------------------------------------------------------------------------------ several hosts
+
+class MultiHostError(RuntimeError):
+    """A call that every host must reach was made where only some hosts run."""
+
+
+class LeaderFailed(RuntimeError):
+    """Work that process 0 did alone failed there; raised on the other hosts."""
+
+
+# Names of the leader-only sections the calling code is in (innermost last).
+_LEADER_ONLY: list[str] = []
+
+
+def is_leader() -> bool:
+    return jax.process_index() == 0
+
+
+def require_all_hosts(what: str):
+    """Raises MultiHostError if called inside a leader-only section: `what` (a barrier, a
+    gather, a checkpoint manager) needs every host, and the others are not there."""
+    if _LEADER_ONLY:
+        raise MultiHostError(
+            f"{_LEADER_ONLY[-1]} runs on process 0 only, but reached {what}, which every host "
+            "must reach; run it on all hosts or read checkpoints with checkpoint.read_state")
+
+
+def _refusing(what: str, original: Callable, allowed: Callable | None = None) -> Callable:
+    def refuse(*args, **kwargs):
+        if allowed is not None and allowed(*args, **kwargs):
+            return original(*args, **kwargs)
+        name = args[0] if args and isinstance(args[0], str) else original.__name__
+        require_all_hosts(f"{what} ({name})")
+        return original(*args, **kwargs)
+    return refuse
+
+
+@contextlib.contextmanager
+def leader_only(name: str):
+    """A section that one host runs while the others wait (`on_leader`).
+
+    Inside it, the project's multi-host entry points (`barrier`, `gather_objects`,
+    `host_local`, `make_mesh`, `checkpoint.Checkpointer`) and the synchronisation functions of
+    JAX (`multihost_utils`) and orbax (`sync_global_processes`, used by every checkpoint
+    manager) raise MultiHostError, also with one process, so tests on one host find what
+    would hang on several. Orbax managers over this process alone stay allowed.
+    """
+    from jax.experimental import multihost_utils
+    from orbax.checkpoint._src.multihost import multihost as orbax_multihost
+
+    def own_process(*args, processes=None, **kwargs):
+        return processes is not None and set(processes) == {jax.process_index()}
+
+    saved = []
+    if not _LEADER_ONLY:  # the outermost section patches, and restores on leaving
+        for n in ("sync_global_devices", "process_allgather", "broadcast_one_to_all"):
+            saved.append((multihost_utils, n, getattr(multihost_utils, n)))
+            setattr(multihost_utils, n, _refusing(f"jax's {n}", saved[-1][2]))
+        saved.append((orbax_multihost, "sync_global_processes",
+                      orbax_multihost.sync_global_processes))
+        orbax_multihost.sync_global_processes = _refusing(
+            "an orbax barrier", saved[-1][2], own_process)
+    _LEADER_ONLY.append(name)
+    try:
+        yield
+    finally:
+        _LEADER_ONLY.pop()
+        for module, n, fn in saved:
+            setattr(module, n, fn)
+
+
 def barrier(name: str):
     """Waits until every JAX process reaches the barrier `name` (nothing with one process)."""
+    require_all_hosts(f"the barrier {name!r}")
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(name)
+
+
+def gather_objects(value) -> list:
+    """Every host's `value` (any picklable object), in process order, on every host."""
+    require_all_hosts("a gather across hosts")
+    if jax.process_count() == 1:
+        return [value]
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.asarray([data.size], np.int64)))
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:data.size] = data
+    everything = np.asarray(multihost_utils.process_allgather(padded))
+    return [pickle.loads(everything[i, :int(sizes[i, 0])].tobytes())
+            for i in range(jax.process_count())]
+
+
+def broadcast_from_leader(value):
+    """Process 0's `value` (picklable) on every host: one decision for all of them."""
+    return gather_objects(value if is_leader() else None)[0]
+
+
+def any_host(flag: bool) -> bool:
+    """Whether `flag` is true on any host."""
+    require_all_hosts("a vote across hosts")
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(bool(flag)))))
+
+
+def on_leader(name: str, fn: Callable[[], object], *, share: bool = False):
+    """Runs `fn` on process 0 alone (in `leader_only(name)`) while the others wait.
+
+    Args:
+      name: what runs, for messages ("stage data").
+      fn: the work; it may make no multi-host call.
+      share: also return fn's result (picklable) on the other hosts.
+
+    Returns:
+      fn's result on process 0, and on the others with `share` (else None).
+
+    Raises:
+      On process 0, whatever fn raised; on the others LeaderFailed with its message (or
+      KeyboardInterrupt if process 0 was interrupted), so no host waits for a failed one.
+    """
+    result, error, failure = None, None, None
+    if is_leader():
+        try:
+            with leader_only(name):
+                result = fn()
+        except KeyboardInterrupt as e:
+            error, failure = e, ("interrupt", "")
+        except Exception as e:  # noqa: BLE001 — re-raised below, after the others learn of it
+            error = e
+            failure = ("error", (str(e).strip().splitlines() or [type(e).__name__])[0])
+    failure, shared = broadcast_from_leader((failure, result if share else None))
+    if error is not None:
+        raise error
+    if failure is not None:
+        if failure[0] == "interrupt":
+            raise KeyboardInterrupt
+        raise LeaderFailed(f"{name} failed on process 0: {failure[1]}")
+    return result if is_leader() else shared
+
+
+def host_batches(num_batches: int) -> range:
+    """The batches of a sequence that this host handles: k = process_index (mod process_count)."""
+    return range(jax.process_index(), int(num_batches), jax.process_count())
+
+
+def gather_batches(local: Sequence) -> list:
+    """Per-batch results of `host_batches` from every host, in batch order, on every host.
+
+    Args:
+      local: this host's results, one per batch of `host_batches(n)`, in that order.
+
+    Returns:
+      [result of batch 0, batch 1, ...].
+    """
+    parts = gather_objects(list(local))
+    count = len(parts)
+    total = sum(len(p) for p in parts)
+    return [parts[k % count][k // count] for k in range(total)]
+
+
+def map_batches(fn: Callable[[range], object], n: int, batch_size: int, *,
+                desc: str | None = None) -> list:
+    """`[fn(rows) for rows in batches of range(n)]`, the batches shared among the hosts.
+
+    Each host calls `fn` on its batches (`host_batches`); the results are gathered in order on
+    every host, so the list equals a single host's. `fn` must make no multi-host call. With
+    `desc`, process 0 shows a progress bar over its batches.
+    """
+    from tqdm.auto import tqdm
+
+    size = max(int(batch_size), 1)
+    mine = host_batches(-(-n // size))
+    bar = tqdm(mine, desc=desc, leave=False, disable=desc is None or not is_leader()
+               or len(mine) < 2)
+    return gather_batches([fn(range(k * size, min((k + 1) * size, n))) for k in bar])
+
+
+def host_local(tree):
+    """Arrays this host can compute with: leaves that span other hosts become numpy copies of
+    their global value (replicated ones without communication). Identity on one host.
+
+    Call it on every host (a sharded leaf is all-gathered), before host code reads device
+    arrays: evaluation, media and generation run on each host's own devices.
+    """
+    if jax.process_count() == 1:
+        return tree
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    spans = [isinstance(x, jax.Array) and not x.is_fully_addressable for x in leaves]
+    sharded = [i for i, s in enumerate(spans) if s and not leaves[i].is_fully_replicated]
+    if any(spans):
+        require_all_hosts("a gather of arrays that span hosts")
+    out = [np.asarray(x.addressable_data(0)) if s else x for x, s in zip(leaves, spans)]
+    if sharded:
+        from jax.experimental import multihost_utils
+        gathered = multihost_utils.process_allgather([leaves[i] for i in sharded], tiled=True)
+        for i, value in zip(sharded, gathered):
+            out[i] = np.asarray(value)
+    return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
