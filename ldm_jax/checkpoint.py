@@ -4,6 +4,12 @@ A checkpoint directory holds numbered steps written atomically by orbax (a step 
 temporary directory and renamed when complete, so a crash mid-write never leaves a step that
 restores wrongly), plus `model_config.json`: the model section that fixes the parameter shapes, so a
 checkpoint loaded with another config fails with a message naming what differs.
+
+Training opens a `Checkpointer` on every host at once: orbax synchronises the hosts when it
+creates, saves and restores. Everything that only reads a trained model (evaluation, latents,
+generation, a stage's completeness) goes through `latest_step` and `read_state` instead: an
+orbax manager over this process alone, restoring numpy arrays, which synchronises nobody and so
+works on any subset of hosts.
 """
 
 from __future__ import annotations
@@ -13,10 +19,11 @@ import logging
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from ldm_jax import paths
+from ldm_jax import parallel, paths
 
 MODEL_CONFIG = "model_config.json"
 
@@ -44,16 +51,43 @@ def config_differences(saved: dict, current: dict) -> list[str]:
 
 
 class Checkpointer:
-    """Saves and restores `{state, data}` composites in one directory."""
+    """Saves and restores `{state, data}` composites in one directory.
 
-    def __init__(self, directory: str, *, keep: int = 2, model_config: dict | None = None):
+    Args:
+      directory: the checkpoint directory (local or gs://).
+      keep: how many steps to keep.
+      model_config: the model section the checkpoints must fit.
+      this_host_only: a manager over this process alone, which never waits for other hosts
+        (reading a trained model; writing one on a single host). By default every host must
+        open the manager together.
+    """
+
+    def __init__(self, directory: str, *, keep: int = 2, model_config: dict | None = None,
+                 this_host_only: bool = False):
         # orbax refuses relative paths (tensorstore needs absolute ones); URLs such as gs:// pass.
         self.directory = epath.Path(paths.resolve(str(directory)))
         self.model_config = json.loads(json.dumps(model_config, default=list)) \
             if model_config is not None else None
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                               enable_async_checkpointing=False)
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        if this_host_only:
+            me = jax.process_index()
+            self._process = ocp.options.MultiprocessingOptions(primary_host=me,
+                                                               active_processes={me})
+            # A manager over a subset of processes may not create its directory itself.
+            paths.makedirs(str(self.directory))
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=keep, create=False, enable_async_checkpointing=False,
+                multiprocessing_options=self._process)
+            # Its state item written by this process alone (the data iterator has no place here).
+            handlers = {"state": ocp.StandardCheckpointHandler(
+                multiprocessing_options=self._process)}
+        else:
+            parallel.require_all_hosts(f"the checkpoint manager of {self.directory}")
+            self._process = ocp.options.MultiprocessingOptions()
+            options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                                   enable_async_checkpointing=False)
+            handlers = None
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_handlers=handlers)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -112,14 +146,52 @@ class Checkpointer:
                             self.directory, step)
         return restored["state"]
 
-    def restore_raw(self, step: int | None = None):
-        """Restores the saved state as host numpy arrays without a target structure."""
+    def read(self, step: int | None = None) -> dict:
+        """The saved state of `step` (default: the latest) as numpy arrays in this host's
+        memory, whatever devices and hosts wrote them."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"no checkpoint in {self.directory}")
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore()))
-        return restored["state"]
+        reader = ocp.PyTreeCheckpointHandler(multiprocessing_options=self._process)
+        path = self.directory / str(step) / "state"
+        tree = reader.metadata(path).tree
+        as_numpy = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                                          tree)
+        try:
+            return reader.restore(path, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
+        finally:
+            reader.close()
 
     def close(self):
         self.manager.close()
+
+
+def latest_step(directory: str) -> int | None:
+    """The newest complete step in a checkpoint directory (None if none); synchronises no
+    hosts."""
+    if not paths.isdir(directory):
+        return None
+    ck = Checkpointer(directory, this_host_only=True)
+    try:
+        return ck.latest_step()
+    finally:
+        ck.close()
+
+
+def read_state(directory: str, step: int | None = None) -> tuple[dict, int]:
+    """A checkpoint's saved state as host numpy arrays, and its step; synchronises no hosts, so
+    any subset of hosts may read a trained model.
+
+    Raises:
+      CheckpointError: DIRECTORY holds no complete checkpoint.
+    """
+    if not paths.isdir(directory):
+        raise CheckpointError(f"no checkpoint in {directory}")
+    ck = Checkpointer(directory, this_host_only=True)
+    try:
+        step = ck.latest_step() if step is None else int(step)
+        if step is None:
+            raise CheckpointError(f"no checkpoint in {directory}")
+        return ck.read(step), step
+    finally:
+        ck.close()

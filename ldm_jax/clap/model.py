@@ -317,12 +317,13 @@ class ClapModel:
 
     @classmethod
     def load(cls, workdir: str, step: int | None = None, batch_size: int = 64) -> ClapModel:
-        """Loads `workdir/config.json`, `workdir/tokenizer.model` and the latest checkpoint.
+        """Loads `workdir/config.json`, `workdir/tokenizer.model` and the latest checkpoint (read
+        on this host alone: any subset of hosts may load it).
 
         Raises:
           ClapError: the directory holds no trained CLAP model.
         """
-        from ldm_jax.checkpoint import Checkpointer
+        from ldm_jax import checkpoint
 
         path = os.path.join(workdir, CONFIG_FILE)
         if not paths.isfile(path):
@@ -330,15 +331,12 @@ class ClapModel:
                             "`ldm-jax train clap` first")
         cfg = ml_collections.ConfigDict(json.loads(paths.read_text(path)))
         tokenizer = Tokenizer.load(os.path.join(workdir, TOKENIZER_FILE))
-        checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"))
         try:
-            step = checkpointer.latest_step() if step is None else int(step)
-            if step is None:
-                raise ClapError(f"no checkpoint in {workdir}/checkpoints; train the model first")
-            params = checkpointer.restore_raw(step)["params"]
-        finally:
-            checkpointer.close()
-        params = jax.tree_util.tree_map(jnp.asarray, params)
+            state, step = checkpoint.read_state(os.path.join(workdir, "checkpoints"), step)
+        except checkpoint.CheckpointError:
+            raise ClapError(f"no checkpoint in {workdir}/checkpoints; train the model "
+                            "first") from None
+        params = jax.tree_util.tree_map(jnp.asarray, state["params"])
         return cls(cfg, params, tokenizer, batch_size=batch_size, step=step)
 
     def _encode_text(self, texts: Sequence[str]):

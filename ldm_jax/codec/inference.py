@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ldm_jax import paths
-from ldm_jax.checkpoint import MODEL_CONFIG, Checkpointer, CheckpointError
+from ldm_jax import parallel, paths
+from ldm_jax.checkpoint import MODEL_CONFIG, Checkpointer, CheckpointError, read_state
 from ldm_jax.codec import losses, quantize
 from ldm_jax.codec.model import Codec, CodecConfig, make_codec
 from ldm_jax.codec.quantize import STATS, CodecError
@@ -63,21 +64,22 @@ class LoadedCodec:
 
 
 def write_checkpoint(directory: str, config: CodecConfig, params, stats=None, step: int = 0):
-    """Writes an inference checkpoint (params and EMA codebooks) that `load_trained` reads."""
+    """Writes an inference checkpoint (params and EMA codebooks) that `load_trained` reads;
+    this host alone writes it."""
     state = {"step": np.asarray(step, np.int32), "params": params, "stats": stats or {}}
-    ck = Checkpointer(os.path.join(directory, "checkpoints"), model_config=config.to_dict())
+    ck = Checkpointer(os.path.join(directory, "checkpoints"), model_config=config.to_dict(),
+                      this_host_only=True)
     ck.save(step, state)
     ck.close()
 
 
 def load_trained(path: str, *, use_ema: bool = True) -> LoadedCodec:
-    """The latest checkpoint of a codec directory (or of W/codec) as a LoadedCodec."""
+    """The latest checkpoint of a codec directory (or of W/codec) as a LoadedCodec, read on this
+    host alone (any subset of hosts may load it)."""
     directory = codec_dir(path)
     config = CodecConfig.from_dict(json.loads(
         paths.read_text(os.path.join(directory, "checkpoints", MODEL_CONFIG))))
-    ck = Checkpointer(os.path.join(directory, "checkpoints"))
-    raw = ck.restore_raw()
-    ck.close()
+    raw, _ = read_state(os.path.join(directory, "checkpoints"))
     params = raw.get("ema_params") if use_ema and raw.get("ema_params") else raw["params"]
     variables = {"params": params}
     if raw.get("stats"):
@@ -85,36 +87,45 @@ def load_trained(path: str, *, use_ema: bool = True) -> LoadedCodec:
     return LoadedCodec(make_codec(config), variables)
 
 
-def evaluate(loaded: LoadedCodec, clips: list[np.ndarray], *, n_codebooks: int | None = None,
-             batch_size: int = 8) -> dict:
+def evaluate(loaded: LoadedCodec, clips: Sequence[np.ndarray], *,
+             n_codebooks: int | None = None, batch_size: int = 8) -> dict:
     """Reconstruction metrics on clips ([T] or [T, C]) at `n_codebooks` (all by default).
+
+    On several hosts, call it on every host: the batches are shared among them (each host reads
+    only its clips from a lazy sequence such as `builders.Column`) and the result is the same on
+    every host, and the same as one host's.
 
     Returns:
       mel_distance (DAC's multi-scale mel L1), stft_distance (multi-scale STFT), si_sdr (dB),
       waveform_l1, bitrate_kbps (None for a KL codec) and the number of clips.
     """
     cfg = loaded.config
-    sums = {"mel_distance": 0.0, "stft_distance": 0.0, "si_sdr": 0.0, "waveform_l1": 0.0}
-    count = 0
+    names = ("mel_distance", "stft_distance", "si_sdr", "waveform_l1")
     metric_fn = jax.jit(lambda y, x: {
         "mel_distance": losses.mel_loss(y, x, cfg.sample_rate),
         "stft_distance": losses.multiscale_stft_loss(y, x),
         "si_sdr": jnp.mean(losses.si_sdr(y, x)),
         "waveform_l1": losses.waveform_l1(y, x)})
-    for start in range(0, len(clips), batch_size):
+
+    def batch_sums(rows: range) -> tuple[dict, int]:
         group = [np.asarray(c, np.float32).reshape(len(c), -1) for c in
-                 clips[start:start + batch_size]]
+                 (clips[i] for i in rows)]
         length = min(len(c) for c in group)
         x = np.stack([c[:length] for c in group])
         z = loaded.encode(x, n_codebooks)["z"]
         y = loaded.decode(z)[:, :length]
         x = x[:, :y.shape[1]]
         values = jax.device_get(metric_fn(jnp.asarray(y), jnp.asarray(x)))
-        for k in sums:
-            sums[k] += float(values[k]) * len(group)
-        count += len(group)
+        return {k: float(values[k]) * len(group) for k in names}, len(group)
+
+    batches = parallel.map_batches(batch_sums, len(clips), batch_size)
+    count = sum(n for _, n in batches)
     if not count:
         raise CodecError("no clips to evaluate: the test split is empty")
+    sums = {k: 0.0 for k in names}
+    for values, _ in batches:
+        for k in names:
+            sums[k] += values[k]
     result = {k: v / count for k, v in sums.items()}
     result["num_clips"] = count
     n = 0 if cfg.quantizer == "kl" else (n_codebooks or cfg.n_codebooks)

@@ -187,15 +187,12 @@ def _source_features(data_dir: str, name: str) -> dict:
 
 
 def _codec_fingerprint(codec_path: str) -> dict:
-    from ldm_jax.checkpoint import MODEL_CONFIG, Checkpointer
+    from ldm_jax.checkpoint import MODEL_CONFIG, latest_step
     from ldm_jax.codec.inference import codec_dir
 
     directory = codec_dir(codec_path)
     config = json.loads(paths.read_text(os.path.join(directory, "checkpoints", MODEL_CONFIG)))
-    ck = Checkpointer(os.path.join(directory, "checkpoints"))
-    step = ck.latest_step()
-    ck.close()
-    return {"config": config, "step": step}
+    return {"config": config, "step": latest_step(os.path.join(directory, "checkpoints"))}
 
 
 def _to_channels(x: np.ndarray, channels: int) -> np.ndarray:
@@ -416,7 +413,10 @@ def encode_latents(codec_path: str, data_cfg, data_dir: str, out_dir: str, *,
     base = {"name": NAME, "path": dataset_path(out_dir, NAME), "params": params,
             "splits": splits, "latent": latent}
 
-    existing = check_existing(NAME, out_dir, params, overwrite)
+    # Process 0 alone judges what is there, so that every host encodes or none does.
+    existing = parallel.on_leader("the latents check",
+                                  lambda: check_existing(NAME, out_dir, params, overwrite),
+                                  share=True)
     if existing is not None and existing.get("stats"):
         _write_stats_file(out_dir, existing["stats"])
         return {**base, **_stats_summary(existing["stats"]), "already_built": True,
