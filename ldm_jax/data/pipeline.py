@@ -1,11 +1,14 @@
 """The grain input pipeline: per-host shard, seeded shuffle, random crops, batches, resumable.
 
 Follows flax's `examples/gemma/input_pipeline_grain.py`: a random-access source (a TFDS
-ArrayRecord split from `open_split`) becomes a `grain.MapDataset`; every host reads its own
-strided slice (`dataset[process_index::process_count]`), so hosts see disjoint examples. Order and
-crops are functions of (seed, example index, epoch) only — grain's index shuffle and its per-index
-seeded `random_map` — so an iterator restored with `set_state(get_state())` yields exactly the
-batches an uninterrupted run would, with or without worker processes.
+ArrayRecord split from `open_split`) becomes a `grain.MapDataset`. Every host forms the same
+global order and cuts it into batches of its per-host size; host h reads batches h, h + N,
+h + 2N, ... of N hosts (`batches[process_index::process_count]`), so in training the global batch
+of a step is N consecutive batches of that one order, whatever N is: 2 hosts of batch 8 train on
+exactly the examples 1 host of batch 16 does. Order and crops are functions of (seed, example
+index, epoch) only — grain's index shuffle and its per-index seeded `random_map` — so an iterator
+restored with `set_state(get_state())` yields exactly the batches an uninterrupted run would, with
+or without worker processes.
 """
 
 from __future__ import annotations
@@ -126,9 +129,9 @@ def make_dataset(source, data_cfg, *, batch_size: int, seed: int | None = None,
       seed: shuffle and crop seed; None uses data_cfg.shuffle_seed.
       train: True shuffles, repeats, crops at random offsets and drops the last partial batch;
         False reads once in order, crops the centre and keeps the last partial batch (so with
-        several hosts, shards and batch counts may differ by one).
-      process_index, process_count: this host's shard; default jax.process_index() /
-        jax.process_count().
+        several hosts, batch counts may differ by one, and a host may get none).
+      process_index, process_count: this host's batches are those at process_index modulo
+        process_count; default jax.process_index() / jax.process_count().
       crop_seconds: crop length; None uses data_cfg.crop_seconds; 0 or less keeps whole clips,
         zero-padded to the longest clip of each batch.
       fields: example keys to keep (strings stay strings; arrays are stacked).
@@ -143,7 +146,8 @@ def make_dataset(source, data_cfg, *, batch_size: int, seed: int | None = None,
       int32 [B], and the other fields stacked [B, ...] (text as a numpy str array).
 
     Raises:
-      DataError: the source is empty or lacks a field, or this host's shard is empty.
+      DataError: the source is empty or lacks a field, or a finite training run leaves this
+        host no batch.
     """
     if process_index is None or process_count is None:
         import jax
@@ -170,16 +174,19 @@ def make_dataset(source, data_cfg, *, batch_size: int, seed: int | None = None,
     crop_seed, shuffle_seed = _derive_seeds(seed)
 
     ds = grain.MapDataset.source(source)
-    # Crops are seeded by the global example index (before sharding), so they do not depend on
-    # the number of hosts; `repeat` folds the epoch into that index.
+    # Crops are seeded by the example index, so they do not depend on the number of hosts;
+    # `repeat` folds the epoch into that index.
     ds = ds.random_map(prepare, seed=crop_seed) if train else ds.map(prepare)
-    ds = ds[process_index::process_count]
-    if len(ds) == 0:
-        raise DataError(f"host {process_index} of {process_count} gets no examples from "
-                        f"{len(source)}; use fewer hosts or a larger dataset")
     if train:
         ds = ds.shuffle(seed=shuffle_seed).repeat(num_epochs)
     ds = ds.batch(batch_size, drop_remainder=train, batch_fn=_Collate(crop_key))
+    if train:  # every host takes as many steps (matters only for a finite number of epochs)
+        ds = ds[:len(ds) - len(ds) % process_count]
+    ds = ds[process_index::process_count]
+    if train and len(ds) == 0:
+        raise DataError(f"host {process_index} of {process_count} gets no batch of "
+                        f"{batch_size} from {len(source)} examples; use fewer hosts, smaller "
+                        "batches or more epochs")
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=READ_THREADS,
                                               prefetch_buffer_size=PREFETCH_BATCHES))
     workers = int(data_cfg.worker_count if worker_count is None else worker_count)

@@ -95,24 +95,31 @@ def test_crops_come_from_the_clip_and_are_deterministic(examples):
     assert any(len(v) > 1 for v in offsets.values())
 
 
-def test_shards_are_disjoint_and_cover_the_set(examples):
-    seen = []
-    for index in range(3):
-        it = pipeline.make_iterator(examples, data_cfg(), batch_size=2, seed=0, train=False,
-                                    process_index=index, process_count=3, fields=("id",))
-        seen.append([i for batch in it for i in batch["id"]])
-    assert all(len(s) == 7 for s in seen)
-    assert sum(len(set(s)) for s in seen) == len(set().union(*seen)) == len(examples)
+def test_eval_hosts_take_whole_batches_in_turn(examples):
+    one = [list(b["id"]) for b in pipeline.make_iterator(
+        examples, data_cfg(), batch_size=2, seed=0, train=False, process_index=0,
+        process_count=1, fields=("id",))]
+    hosts = [[list(b["id"]) for b in pipeline.make_iterator(
+        examples, data_cfg(), batch_size=2, seed=0, train=False, process_index=index,
+        process_count=3, fields=("id",))] for index in range(3)]
+    assert [len(h) for h in hosts] == [4, 4, 3]  # 11 batches of the 21 examples
+    assert [hosts[k % 3][k // 3] for k in range(11)] == one
 
 
-def test_training_shards_are_disjoint(examples):
-    ids = []
-    for index in range(2):
-        it = pipeline.make_iterator(examples, data_cfg(), batch_size=5, seed=3, process_index=index,
-                                    process_count=2, fields=("id",))
-        ids.append({i for batch in take(it, 4) for i in batch["id"]})
-    assert not ids[0] & ids[1]
-    assert len(ids[0] | ids[1]) == len(examples)
+@pytest.mark.parametrize("hosts", [2, 3])
+def test_training_global_batches_do_not_depend_on_the_host_count(examples, hosts):
+    kwargs = dict(seed=3, fields=("id", "audio"))
+    single = take(pipeline.make_iterator(examples, data_cfg(), batch_size=2 * hosts,
+                                         process_index=0, process_count=1, **kwargs), 6)
+    parts = [take(pipeline.make_iterator(examples, data_cfg(), batch_size=2, process_index=i,
+                                         process_count=hosts, **kwargs), 6)
+             for i in range(hosts)]
+    for step, batch in enumerate(single):
+        for key in ("id", "audio"):
+            joined = np.concatenate([parts[i][step][key] for i in range(hosts)])
+            np.testing.assert_array_equal(joined, batch[key])
+    # Within a step the hosts read disjoint examples (the set has more than one batch).
+    assert not set(parts[0][0]["id"]) & set(parts[1][0]["id"])
 
 
 def test_eval_mode_is_ordered_center_cropped_and_keeps_the_remainder(examples):
@@ -175,6 +182,6 @@ def test_user_errors(examples):
         stereo = [{"audio": np.zeros((30, 2), np.float32), "caption": ""}]
         pipeline.make_dataset(stereo, data_cfg(), batch_size=1, seed=0, process_index=0,
                               process_count=1)
-    with pytest.raises(tfds_common.DataError, match="gets no examples"):
+    with pytest.raises(tfds_common.DataError, match="host 2 of 3 gets no batch"):
         pipeline.make_dataset(examples[:2], data_cfg(), batch_size=2, seed=0, process_index=2,
-                              process_count=3)
+                              process_count=3, num_epochs=1)
