@@ -49,7 +49,10 @@ class Task:
       model_config: the config section that fixes parameter shapes; checkpoints must match it.
       prepare: host-side `numpy batch -> numpy batch` (field selection, tokenisation).
       evaluate: optional `state -> {name: float}` run every `eval_every` steps and at the end.
-      media: optional `state -> {tag: ("audio", wave [T], sample_rate) | ("image", uint8 HWC)}`.
+      media: optional `state -> {tag: ("audio", wave [T], sample_rate) | ("image", uint8 HWC)}`
+        (process 0's items are written).
+      Both are called on every host with the global state, whose arrays may span hosts: they
+      read them through `parallel.host_local` and share their work with `parallel.map_batches`.
       loss_key: the metric that must stay finite.
     """
 
@@ -96,11 +99,7 @@ class _StopSignal:
             signal.signal(sig, handler)
 
     def any_host(self) -> bool:
-        flag = self.raised is not None
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-            flag = bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
-        return flag
+        return parallel.any_host(self.raised is not None)
 
 
 class _Writer:
@@ -201,14 +200,20 @@ def initial_state(task: Task, rng, mesh, checkpointer: Checkpointer, *, resume_f
         return other.restore(target, data_iterator), shardings, f"resumed from {resume_from}"
     state = jax.jit(task.init, out_shardings=shardings)(rng)
     if init_from:
-        other = Checkpointer(init_from, model_config=checkpointer.model_config)
-        other.check_config()
-        loaded = other.restore_raw()
+        other = Checkpointer(init_from, model_config=checkpointer.model_config,
+                             this_host_only=True)
+        try:
+            other.check_config()
+            loaded = other.read()
+        finally:
+            other.close()
         if "params" not in loaded:
             raise CheckpointError(f"{init_from} holds no params to initialise from")
         state = dict(state)
-        state["params"] = jax.device_put(
-            jax.tree_util.tree_map(np.asarray, loaded["params"]), shardings["params"])
+        # Every host read the whole value; each places the shards its devices hold.
+        state["params"] = jax.tree_util.tree_map(
+            lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda i: np.asarray(x)[i]),
+            loaded["params"], shardings["params"])
         return state, shardings, f"params from {init_from}"
     return state, shardings, "scratch"
 
@@ -280,8 +285,7 @@ def train(task: Task, data_iterator: Iterator[dict], *, workdir: str, num_steps:
 
     preempted = False
     try:
-        # Tracing under the mesh lets models pin activations with logical constraints.
-        with _StopSignal() as stop, jax.set_mesh(mesh):
+        with _StopSignal() as stop:
             while step < num_steps:
                 host_batch = task.prepare(next(data_iterator))
                 batch = parallel.global_batch(mesh, host_batch)
@@ -290,7 +294,10 @@ def train(task: Task, data_iterator: Iterator[dict], *, workdir: str, num_steps:
                                      in_shardings=(shardings, parallel.batch_shardings(mesh, batch),
                                                    parallel.replicated(mesh)),
                                      out_shardings=(shardings, parallel.replicated(mesh)))
-                state, metrics = jitted(state, batch, step_rng)
+                # Tracing under the mesh lets models pin activations with logical constraints.
+                # Only the step sees it: evaluation and media run on each host's own devices.
+                with jax.set_mesh(mesh):
+                    state, metrics = jitted(state, batch, step_rng)
                 step += 1
                 if pending is not None:
                     settle(pending)  # the previous step's metrics: no stall on this one

@@ -8,6 +8,10 @@ section 3.1.4), for the attributes the synthetic generator records: instrument, 
 (major/minor), key (the tonic, 12 classes) and tempo class (slow/moderate/fast). Chance levels
 are reported beside each score. The key task tells whether the text embedding can carry the key
 into a diffusion model at all: it needs an audio tower that resolves semitones.
+
+On several hosts every host calls these functions: the batches of clips and captions are shared
+among the hosts (`parallel.map_batches`), the embeddings gathered, and every host computes the
+same metrics, equal to a single host's.
 """
 
 from __future__ import annotations
@@ -16,10 +20,9 @@ import io
 import os
 from collections.abc import Callable, Sequence
 
-import jax
 import numpy as np
 
-from ldm_jax import paths
+from ldm_jax import parallel, paths
 from ldm_jax.clap import model as clap_model
 from ldm_jax.clap.text import Tokenizer
 from ldm_jax.data import synthetic
@@ -84,15 +87,17 @@ def recall_at_k(sim: np.ndarray, ks: Sequence[int] = RECALL_AT) -> dict[int, flo
 
 def embed_texts(text_fn, params, tokenizer: Tokenizer, texts: Sequence[str], max_length: int,
                 batch_size: int) -> np.ndarray:
-    """Captions -> float32 [N, E], in fixed-size batches (`text_fn` from `make_embedders`)."""
+    """Captions -> float32 [N, E], in fixed-size batches (`text_fn` from `make_embedders`)
+    shared among the hosts."""
     tokens, mask = tokenizer.encode(list(texts), max_length)
-    out = []
-    for s in range(0, len(texts), batch_size):
-        t, m = tokens[s:s + batch_size], mask[s:s + batch_size]
+
+    def batch(rows: range) -> np.ndarray:
+        t, m = tokens[rows.start:rows.stop], mask[rows.start:rows.stop]
         pad = batch_size - len(t)
         _, emb = text_fn(params, np.pad(t, [(0, pad), (0, 0)]), np.pad(m, [(0, pad), (0, 0)]))
-        out.append(np.asarray(emb)[: len(t)])
-    return np.concatenate(out)
+        return np.asarray(emb)[: len(t)]
+
+    return np.concatenate(parallel.map_batches(batch, len(texts), batch_size))
 
 
 def embed_split(params, cfg, source, tokenizer: Tokenizer, embedders=None) -> dict:
@@ -121,12 +126,11 @@ def embed_split(params, cfg, source, tokenizer: Tokenizer, embedders=None) -> di
     first = source[0]
     fields = ["audio", "caption"] + [k for k in ("id", "instrument", "mode", "tempo_bpm", "key",
                                                  "pattern", "loudness") if k in first]
+    # This host's batches; the others' come back through the gather below.
     data = pipeline.make_dataset(source, cfg.data, batch_size=batch_size, train=False,
-                                 crop_seconds=crop, fields=fields, process_index=0,
-                                 process_count=1, worker_count=0)
+                                 crop_seconds=crop, fields=fields, worker_count=0)
     bucket = int(LENGTH_BUCKET_SECONDS * rate)
-    out = {k: [] for k in fields if k != "audio"}
-    audio_emb = []
+    mine = []
     for batch in data:
         wave = np.asarray(batch["audio"], np.float32)
         wave = wave.mean(-1) if wave.ndim == 3 else wave
@@ -135,10 +139,12 @@ def embed_split(params, cfg, source, tokenizer: Tokenizer, embedders=None) -> di
         width = min(-(-length // bucket) * bucket, max(limit, length))
         wave = np.pad(wave, [(0, batch_size - n), (0, width - length)])
         mask = np.pad(mask, [(0, batch_size - n), (0, width - length)])
-        audio_emb.append(np.asarray(audio_fn(params, wave, mask))[:n])
-        for k in out:
-            out[k].extend(v.decode() if isinstance(v, bytes) else v for v in batch[k].tolist())
-    out["audio"] = np.concatenate(audio_emb)
+        row = {k: [v.decode() if isinstance(v, bytes) else v for v in batch[k].tolist()]
+               for k in fields if k != "audio"}
+        mine.append((np.asarray(audio_fn(params, wave, mask))[:n], row))
+    batches = parallel.gather_batches(mine)
+    out = {k: [v for _, row in batches for v in row[k]] for k in fields if k != "audio"}
+    out["audio"] = np.concatenate([emb for emb, _ in batches])
     out["text"] = embed_texts(text_fn, params, tokenizer, out["caption"],
                               int(cfg.model.text.max_length), batch_size)
     return out
@@ -203,9 +209,10 @@ def evaluate_params(params, cfg, source, tokenizer: Tokenizer, embedders=None) -
 
 
 def make_evaluator(cfg, source, tokenizer: Tokenizer) -> Callable[[dict], dict]:
-    """`state -> metrics` for the training loop, compiled once."""
+    """`state -> metrics` for the training loop (called on every host), compiled once."""
     embedders = clap_model.make_embedders(cfg)
-    return lambda state: evaluate_params(state["params"], cfg, source, tokenizer, embedders)
+    return lambda state: evaluate_params(parallel.host_local(state["params"]), cfg, source,
+                                         tokenizer, embedders)
 
 
 def _load(workdir: str, cfg=None, model=None):
@@ -263,17 +270,23 @@ def retrieve(workdir: str, data_dir: str, query: str, top: int = 5, split: str =
 
     model, run_cfg = _load(workdir, cfg, model)
     cache = os.path.join(workdir, f"embeddings_{split}.npz")
-    emb = None
-    if paths.isfile(cache):
+
+    def cached():
+        if not paths.isfile(cache):
+            return None
         stored = np.load(io.BytesIO(paths.read_bytes(cache)), allow_pickle=False)
-        if int(stored["step"]) == model.step and str(stored["data"]) == data_dir:
-            emb = {"audio": stored["audio"], "id": stored["id"].tolist(),
-                   "caption": stored["caption"].tolist()}
+        if int(stored["step"]) != model.step or str(stored["data"]) != data_dir:
+            return None
+        return {"audio": stored["audio"], "id": stored["id"].tolist(),
+                "caption": stored["caption"].tolist()}
+
+    # Process 0 alone judges the cache, so that every host embeds the split or none does.
+    emb = parallel.on_leader("the embedding cache check", cached, share=True)
     if emb is None:
         source = builders.open_split(data_dir, run_cfg.data.name, split)
         emb = embed_split(model.params, run_cfg, source, model.tokenizer, model.embedders)
         emb.setdefault("id", [str(i) for i in range(len(emb["audio"]))])
-        if jax.process_index() == 0:
+        if parallel.is_leader():
             buffer = io.BytesIO()
             np.savez(buffer, audio=emb["audio"], id=np.array(emb["id"], str),
                      caption=np.array(emb["caption"], str), step=model.step, data=data_dir)

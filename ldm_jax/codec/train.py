@@ -185,7 +185,11 @@ def make_task(cfg, *, media_audio: np.ndarray | None = None) -> loop.Task:
 
         def media(state):
             from ldm_jax.eval.plots import spectrogram_rgb
-            y = np.asarray(reconstruct(_codec_variables(state, _eval_params(state))))[0, :, 0]
+            # Every host gathers (the arrays may span hosts); process 0 alone writes media.
+            variables = parallel.host_local(_codec_variables(state, _eval_params(state)))
+            if not parallel.is_leader():
+                return {}
+            y = np.asarray(reconstruct(variables))[0, :, 0]
             sr = cfg.model.sample_rate
             return {"codec/reconstruction": ("audio", y, sr),
                     "codec/reconstruction_mel": ("image", spectrogram_rgb(y, sr))}

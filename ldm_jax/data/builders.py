@@ -9,13 +9,13 @@ is a function `(data_cfg, data_dir, *, overwrite, workers, progress) -> summary`
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from ldm_jax.data.audio_folder import build_audio_folder
 from ldm_jax.data.synthetic_music import build_synthetic_music
 from ldm_jax.data.tfds_common import DataError, SplitSource, dataset_info, open_split
 
-__all__ = ["BUILDERS", "DataError", "SplitSource", "build", "build_audio_folder",
+__all__ = ["BUILDERS", "Column", "DataError", "SplitSource", "build", "build_audio_folder",
            "build_synthetic_music", "captions", "dataset_info", "format_summary", "open_split",
            "show"]
 
@@ -109,3 +109,22 @@ def captions(source, key: str = "caption", chunk: int = 256) -> list[str]:
             examples = [source[i] for i in indices]
         out.extend(str(e[key]) for e in examples)
     return out
+
+
+class Column(Sequence):
+    """`source[i][key]` for the first `n` examples, read when indexed: a host that handles some
+    batches of a split reads only those."""
+
+    def __init__(self, source, key: str, n: int | None = None):
+        self.source, self.key = source, key
+        self.n = len(source) if n is None else min(int(n), len(source))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self.n))]
+        if not -self.n <= index < self.n:
+            raise IndexError(f"index {index} out of range for {self.n} examples")
+        return self.source[index % self.n][self.key]

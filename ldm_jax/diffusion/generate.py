@@ -11,7 +11,9 @@ hook). The sampled latents are unscaled with the training statistics and decoded
 
 A `Generator` loads the codec (W/codec), CLAP (W/clap) and the LDM's EMA parameters (W/ldm)
 once and keeps one compiled sampler per setting. Each prompt's starting noise is a function of
-its own seed only, so a sample does not depend on the other prompts of the call.
+its own seed only, so a sample does not depend on the other prompts of the call. Prompts are
+conditioned, sampled and decoded in batches of `batch_size`, each on its own, so on several
+hosts `generate_shared` gives each host whole batches and returns what one host would.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ldm_jax import paths
+from ldm_jax import parallel, paths
 from ldm_jax.diffusion import samplers
 from ldm_jax.diffusion import train as ldm_train
 from ldm_jax.diffusion.schedules import DiffusionError
@@ -47,18 +49,15 @@ def ldm_dir(workdir: str) -> str:
 
 
 def load_params(directory: str, use_ema: bool = True):
-    """The latest checkpoint's EMA parameters (or raw parameters) of an LDM stage directory."""
-    from ldm_jax.checkpoint import Checkpointer, CheckpointError
+    """The latest checkpoint's EMA parameters (or raw parameters) of an LDM stage directory,
+    read on this host alone."""
+    from ldm_jax import checkpoint
 
-    ck = Checkpointer(os.path.join(directory, "checkpoints"))
     try:
-        step = ck.latest_step()
-        if step is None:
-            raise CheckpointError(f"no checkpoint in {directory}/checkpoints; train the LDM "
-                                  "first")
-        raw = ck.restore_raw(step)
-    finally:
-        ck.close()
+        raw, step = checkpoint.read_state(os.path.join(directory, "checkpoints"))
+    except checkpoint.CheckpointError:
+        raise checkpoint.CheckpointError(f"no checkpoint in {directory}/checkpoints; train the "
+                                         "LDM first") from None
     params = raw.get("ema_params") if use_ema and raw.get("ema_params") else raw["params"]
     return jax.tree_util.tree_map(jnp.asarray, params), step
 
@@ -198,8 +197,9 @@ class Generator:
                  negative_prompt: str | None = None, seed: int | Sequence[int] = 0,
                  init_audio=None, strength: float = 0.6, inpaint_audio=None,
                  inpaint_start: float | None = None, inpaint_end: float | None = None,
-                 return_latents: bool = False, progress: bool = False):
-        """Generates one clip per prompt.
+                 return_latents: bool = False, progress: bool = False,
+                 batches: Sequence[int] | None = None):
+        """Generates one clip per prompt, on this host's devices.
 
         Args:
           prompts: a prompt or a list of B prompts.
@@ -220,6 +220,8 @@ class Generator:
           inpaint_start, inpaint_end: the regenerated range in seconds.
           return_latents: also return the sampled latents (normalised) [B, frames, D].
           progress: show a progress bar over batches.
+          batches: generate only these batches of `batch_size` prompts (`generate_shared`);
+            the others get no rows in the output.
 
         Returns:
           float32 audio [B, samples] (with a trailing channel axis for a multichannel codec),
@@ -269,39 +271,62 @@ class Generator:
                 raise DiffusionError(f"{name} has {value.shape[0]} clips for {n} prompts; give "
                                      "one clip, or one per prompt")
 
-        cond_all = self.condition(prompts)
         guided = not (isinstance(cfg_scale, int | float) and float(cfg_scale) == 1.0)
         negative = self.condition([negative_prompt]) if negative_prompt else None
         fn = self._sampler(sampler, int(steps), guided,
                            float(strength) if x_init is not None else None, known is not None)
-        out = []
+        samples = int(round(float(seconds) * self.sample_rate))
         chunks = range(0, n, self.batch_size)
-        for begin in tqdm(chunks, desc="generate", disable=not progress or len(chunks) < 2,
-                          leave=False):
+        chosen = range(len(chunks)) if batches is None else batches
+        audio_out, latents_out = [], []
+        for k in tqdm(chosen, desc="generate", disable=not progress or len(chosen) < 2,
+                      leave=False):
+            begin = chunks[k]
             rows = min(self.batch_size, n - begin)
             size = ldm_train.bucket_rows(rows, self.batch_size)
             take = functools.partial(_rows, begin=begin, rows=rows, size=size)
             noise = np.stack([np.random.default_rng(s).standard_normal((frames, dim))
                               for s in seeds[begin:begin + rows]]).astype(np.float32)
             noise = _rows(noise, begin=0, rows=rows, size=size)  # already this chunk's rows
-            cond = {k: take(v) for k, v in cond_all.items()}
+            cond = {k: _rows(v, begin=0, rows=rows, size=size)
+                    for k, v in self.condition(prompts[begin:begin + rows]).items()}
             if negative is not None:
                 uncond = {k: np.repeat(v, size, axis=0) for k, v in negative.items()}
             else:
                 uncond = ldm_train.null_condition(cond)
-            latents = fn(self.params, noise, cond, uncond, jnp.float32(cfg_scale),
-                         take(x_init), take(known), take(mask),
-                         jax.random.key(seeds[begin]))
-            out.append(np.asarray(latents)[:rows])
-        latents = np.concatenate(out)
-        z = self.stats.denormalize(latents, self.normalize)
-        samples = int(round(float(seconds) * self.sample_rate))
-        audio = self.codec.decode(z)[:, :samples]
-        if audio.shape[1] < samples:
-            audio = np.pad(audio, [(0, 0), (0, samples - audio.shape[1]), (0, 0)])
-        if audio.shape[-1] == 1:
-            audio = audio[..., 0]
+            latents = np.asarray(fn(self.params, noise, cond, uncond, jnp.float32(cfg_scale),
+                                    take(x_init), take(known), take(mask),
+                                    jax.random.key(seeds[begin])))[:rows]
+            z = self.stats.denormalize(latents, self.normalize)
+            audio = self.codec.decode(z)[:, :samples]
+            if audio.shape[1] < samples:
+                audio = np.pad(audio, [(0, 0), (0, samples - audio.shape[1]), (0, 0)])
+            audio_out.append(audio[..., 0] if audio.shape[-1] == 1 else audio)
+            latents_out.append(latents)
+        shape = (0, samples) if self.codec.config.channels == 1 else \
+            (0, samples, self.codec.config.channels)
+        audio = np.concatenate(audio_out) if audio_out else np.zeros(shape, np.float32)
+        latents = np.concatenate(latents_out) if latents_out else \
+            np.zeros((0, frames, dim), np.float32)
         return (audio, latents) if return_latents else audio
+
+    def generate_shared(self, prompts: Sequence[str], *, seed: int | Sequence[int] = 0,
+                        progress: bool = False, **kwargs) -> np.ndarray:
+        """`generate` with its batches shared among the hosts; every host must call it, and
+        every host gets all the clips (those one host would generate). Arguments are those of
+        `generate`."""
+        prompts = list(prompts)
+        seeds = [int(seed) + i for i in range(len(prompts))] \
+            if isinstance(seed, int | np.integer) else [int(s) for s in seed]
+        mine = parallel.host_batches(-(-len(prompts) // self.batch_size))
+        audio = self.generate(prompts, seed=seeds, batches=mine,
+                              progress=progress and parallel.is_leader(), **kwargs)
+        parts, start = [], 0
+        for k in mine:
+            rows = min(self.batch_size, len(prompts) - k * self.batch_size)
+            parts.append(audio[start:start + rows])
+            start += rows
+        return np.concatenate(parallel.gather_batches(parts))
 
 
 def _rows(x, *, begin: int, rows: int, size: int):
@@ -355,6 +380,8 @@ def write_samples(workdir: str, prompts: Sequence[str], *, seconds: float, seed:
                   progress: bool = True, **kwargs) -> list[dict]:
     """Generates one clip per prompt into W/samples/sample_NNN.wav with W/samples/samples.json.
 
+    On several hosts every host calls it; the batches are shared and process 0 writes the files.
+
     Args:
       workdir: W with the trained chain.
       prompts: the prompts.
@@ -375,10 +402,11 @@ def write_samples(workdir: str, prompts: Sequence[str], *, seconds: float, seed:
     paths.makedirs(out_dir)
     prompts = list(prompts)
     seeds = [int(seed) + i for i in range(len(prompts))]
-    audio = gen.generate(prompts, seconds=seconds, seed=seeds, progress=progress, **kwargs)
+    audio = gen.generate_shared(prompts, seconds=seconds, seed=seeds, progress=progress,
+                                **kwargs)
     index = [{"file": f"sample_{i:03d}.wav", "prompt": p, "seed": s}
              for i, (p, s) in enumerate(zip(prompts, seeds))]
-    if jax.process_index() != 0:  # every host samples; one writes
+    if not parallel.is_leader():  # every host samples its batches; one writes
         return index
     for item, clip in zip(index, audio):
         write_audio(os.path.join(out_dir, item["file"]), np.clip(clip, -1.0, 1.0),

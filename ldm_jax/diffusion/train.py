@@ -318,7 +318,10 @@ def make_task(cfg, clap_model, scale, *, codec=None, media_prompts=None) -> loop
         steps = int(gen_cfg.get("media_steps", gen_cfg.get("steps", 25)))
 
         def media(state):
-            generator.params = state["ema_params"]
+            # Every host gathers (the arrays may span hosts); process 0 alone writes media.
+            generator.params = parallel.host_local(state["ema_params"])
+            if not parallel.is_leader():
+                return {}
             audio = generator.generate(prompts, seconds=seconds, steps=steps,
                                        sampler=gen_cfg.get("sampler", "dpmpp_2m"),
                                        cfg_scale=float(gen_cfg.get("cfg_scale", 3.0)),

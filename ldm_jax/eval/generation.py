@@ -15,6 +15,10 @@
   chance level. Scoring the generated clips against permuted references (`shuffled/...`, with
   permutation p-values under `p_value/...`) keeps any bias of the generator or the analyser
   towards one class and removes only the prompt: adherence is what exceeds it.
+
+On several hosts every host calls `evaluate_generation`: the prompts are shared among the hosts
+in whole batches (generated, embedded and analysed where they were generated) and only the
+embeddings and analyses are gathered, so the scores equal a single host's.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import json
 import numpy as np
 import scipy.linalg
 
-from ldm_jax import paths
+from ldm_jax import parallel, paths
 from ldm_jax.eval import music
 
 ATTRIBUTES = ("key", "mode", "tempo_bpm", "loudness", "loudness_db", "instrument", "pattern")
@@ -126,29 +130,42 @@ def load_prompts(data_dir: str, *, num_prompts: int, split: str = "test",
             "audio": [np.asarray(c, np.float32) for c in clips], "sample_rate": rate}
 
 
-def _analyse_all(clips, sample_rate, progress, desc):
-    from tqdm.auto import tqdm
-
-    return [music.analyse(c, sample_rate) for c in tqdm(clips, desc=desc, disable=not progress,
-                                                       leave=False)]
-
-
 def _mono(audio):
     return [a if a.ndim == 1 else a.mean(-1) for a in audio]
+
+
+def _embed_and_analyse(gen, clips, n: int, sample_rate: int, desc: str
+                       ) -> tuple[np.ndarray, list[dict]]:
+    """CLAP audio embeddings [n, E] and `music.analyse` results of the clips `clips(rows)`
+    ([T] each), in batches of the generator's size shared among the hosts."""
+    def batch(rows: range):
+        audio = _mono(clips(rows))
+        return (gen.clap.embed_audio(audio, sample_rate=sample_rate),
+                [music.analyse(c, sample_rate) for c in audio])
+
+    batches = parallel.map_batches(batch, n, gen.batch_size, desc=desc)
+    return (np.concatenate([emb for emb, _ in batches]),
+            [a for _, analyses in batches for a in analyses])
 
 
 def _generated_scores(gen, params, prompts, references, real_emb, text_emb, settings,
                       desc: str) -> dict:
     """Generates with U-Net `params` and scores the clips: fd_clap, clap_score, adherence
     (accuracies and the counts `n_...`) and, under `analyses`, the clips' analyses."""
+    settings = dict(settings)
+    seed, progress = int(settings.pop("seed")), settings.pop("progress")
+
+    def generated(rows: range):
+        return gen.generate([prompts[i] for i in rows], seed=[seed + i for i in rows],
+                            **settings)
+
     trained = gen.params
     gen.params = params
     try:
-        audio = _mono(gen.generate(prompts, **settings))
+        emb, analyses = _embed_and_analyse(gen, generated, len(prompts), gen.sample_rate,
+                                           desc if progress else None)
     finally:
         gen.params = trained
-    emb = gen.clap.embed_audio(audio, sample_rate=gen.sample_rate)
-    analyses = _analyse_all(audio, gen.sample_rate, settings["progress"], desc)
     return {"fd_clap": frechet_distance(real_emb, emb), "clap_score": clap_score(emb, text_emb),
             **music.adherence(analyses, references), "analyses": analyses}
 
@@ -183,17 +200,18 @@ def evaluate_generation(workdir: str, data_dir_or_latents: str, *, num_prompts: 
       generator: a `generate.Generator` to reuse (default: loaded from W).
       untrained: also score the U-Net at initialisation (seeded with `seed`) as a baseline.
       out_path: also write the result there as JSON (e.g. W/samples/eval.json).
-      progress: show progress bars.
+      progress: show progress bars (on process 0).
 
     Returns:
-      Flat dict: settings; `fd_clap` (real vs generated CLAP audio embeddings), `clap_score`,
-      `clap_score_real`; for generated clips (`generated/...`), real clips (`real/...`) and
-      chance (`chance/...`): key_accuracy, mode_accuracy, key_mode_accuracy, tempo_accuracy
-      (within 8%), tempo_octave_accuracy (also at half or double tempo), loudness_accuracy; and
-      the counts of scored prompts; the generated clips against permuted references
-      (`shuffled/...`, 1000 permutations) and the permutation p-value of the true pairing
-      (`p_value/...`, see `music.shuffled`); with `untrained`, `untrained/fd_clap`,
-      `untrained/clap_score` and the untrained model's adherence (`untrained/key_accuracy`...).
+      Flat dict, the same on every host: settings; `fd_clap` (real vs generated CLAP audio
+      embeddings), `clap_score`, `clap_score_real`; for generated clips (`generated/...`),
+      real clips (`real/...`) and chance (`chance/...`): key_accuracy, mode_accuracy,
+      key_mode_accuracy, tempo_accuracy (within 8%), tempo_octave_accuracy (also at half or
+      double tempo), loudness_accuracy; and the counts of scored prompts; the generated clips
+      against permuted references (`shuffled/...`, 1000 permutations) and the permutation
+      p-value of the true pairing (`p_value/...`, see `music.shuffled`); with `untrained`,
+      `untrained/fd_clap`, `untrained/clap_score` and the untrained model's adherence
+      (`untrained/key_accuracy`...).
     """
     from ldm_jax.diffusion import generate
 
@@ -206,7 +224,9 @@ def evaluate_generation(workdir: str, data_dir_or_latents: str, *, num_prompts: 
         seconds = float(np.median([len(c) for c in real])) / real_rate
     settings = dict(seconds=seconds, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
                     seed=seed, progress=progress)
-    real_emb = gen.clap.embed_audio(real, sample_rate=real_rate)
+    real_emb, real_analyses = _embed_and_analyse(
+        gen, lambda rows: [real[i] for i in rows], len(real), real_rate,
+        "analyse real" if progress else None)
     text_emb = gen.clap.embed_text(prompts)
     score = functools.partial(_generated_scores, gen, prompts=prompts, references=references,
                               real_emb=real_emb, text_emb=text_emb, settings=settings)
@@ -216,8 +236,7 @@ def evaluate_generation(workdir: str, data_dir_or_latents: str, *, num_prompts: 
               "sampler": sampler, "cfg_scale": float(cfg_scale),
               "fd_clap": generated.pop("fd_clap"), "clap_score": generated.pop("clap_score"),
               "clap_score_real": clap_score(real_emb, text_emb)}
-    ceiling = music.adherence(_analyse_all(real, real_rate, progress, "analyse real"),
-                              references)
+    ceiling = music.adherence(real_analyses, references)
     for k, v in generated.items():
         result[f"generated/{k}" if not k.startswith("n_") else k] = v
     result.update({f"real/{k}": v for k, v in ceiling.items() if not k.startswith("n_")})
@@ -229,6 +248,6 @@ def evaluate_generation(workdir: str, data_dir_or_latents: str, *, num_prompts: 
         baseline.pop("analyses")
         result.update({f"untrained/{k}": v for k, v in baseline.items()
                        if not k.startswith("n_")})
-    if out_path:
+    if out_path and parallel.is_leader():
         paths.write_text(out_path, json.dumps(result, indent=2))
     return result
