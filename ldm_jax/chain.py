@@ -4,6 +4,20 @@ Every stage writes into the workdir and records the config it ran with (`W/stage
 stage whose output is complete is skipped, so an interrupted chain resumes where it stopped; a
 stage whose config changed since it ran is reported with every stage downstream of it, and the
 chain stops rather than mixing outputs of two configs (`--rerun-stale` re-runs them).
+
+On several hosts every host runs the chain. Process 0 alone decides what is stale and whether a
+stage is complete, and tells the others (`parallel.broadcast_from_leader`): hosts on a shared
+file system can see different states of the same files, and hosts that disagree would wait for
+each other forever. Which hosts run a stage:
+
+- all of them for training (codec, clap, ldm: one sharded step over every device), and for the
+  work that only reads trained models — codec_eval, clap_eval, latents, samples and
+  generation_eval — whose batches are shared among the hosts (`parallel.map_batches`), so they
+  scale with the hosts and give a single host's results; trained models are read by
+  `checkpoint.read_state`, which synchronises nobody;
+- process 0 alone (`parallel.on_leader`) for data, tokenizer and report, which write one dataset,
+  one file or one page from host code and would race if several hosts wrote them. Inside them
+  any multi-host call is a `parallel.MultiHostError`, also on one host.
 """
 
 from __future__ import annotations
@@ -33,8 +47,8 @@ class Stage:
       done: `(cfg, W) -> bool`: is its output complete?
       run: `(cfg, W) -> dict`: runs it and returns a summary for the report.
       outputs: paths under W that belong to it (removed when a stale stage re-runs).
-      all_hosts: runs on every JAX process (training); other stages run on process 0 while
-        the others wait at a barrier.
+      all_hosts: runs on every JAX process (training, and work shared by batches); other
+        stages run on process 0 while the others wait, and may make no multi-host call.
     """
 
     name: str
@@ -47,13 +61,19 @@ class Stage:
 
 
 def _is_leader() -> bool:
-    import jax
-    return jax.process_index() == 0
+    from ldm_jax import parallel
+    return parallel.is_leader()
 
 
 def _barrier(name: str):
     from ldm_jax import parallel
     parallel.barrier(f"ldm_jax chain: {name}")
+
+
+def _leader_decides(name: str, fn: Callable):
+    """fn() evaluated by process 0 alone, the same value on every host."""
+    from ldm_jax import parallel
+    return parallel.on_leader(name, fn, share=True)
 
 
 def _section(cfg, path: str):
@@ -113,46 +133,60 @@ def run_chain(stages: list[Stage], cfg, workdir: str, *, only: list[str] | None 
     Raises:
       StaleStage: a finished stage's config changed and `rerun_stale` is False.
     """
+    from ldm_jax import parallel
+
     names = [s.name for s in stages]
     unknown = [n for n in (only or []) if n not in names]
     if unknown:
         raise config_lib.ConfigError(f"unknown stage(s) {', '.join(unknown)}; the chain is "
                                      f"{' -> '.join(names)}")
-    paths.makedirs(os.path.join(workdir, "stages"))
     print_fn = print_fn if _is_leader() else (lambda *a, **k: None)
-    stale = stale_stages(stages, cfg, workdir)
-    if stale:
-        affected = []
-        for name in stale:
-            affected += [n for n in downstream(stages, name) if n not in affected]
-        first = next(iter(stale))
-        if not rerun_stale:
-            raise StaleStage(f"the config of stage {first} changed since it ran in {workdir} ("
-                             + "; ".join(stale[first][:3]) + f"); stale: {', '.join(affected)}. "
-                             "Re-run them with --rerun-stale or use another --workdir")
-        by_name = {s.name: s for s in stages}
-        for name in (affected if _is_leader() else []):
-            for out in by_name[name].outputs:
-                paths.rmtree(os.path.join(workdir, out))
-            paths.remove(_record_path(workdir, name))
-        print_fn(f"re-running stale stages: {', '.join(affected)}")
-    if _is_leader():
+
+    def prepare():
+        paths.makedirs(os.path.join(workdir, "stages"))
+        stale = stale_stages(stages, cfg, workdir)
+        if stale:
+            affected = []
+            for name in stale:
+                affected += [n for n in downstream(stages, name) if n not in affected]
+            first = next(iter(stale))
+            if not rerun_stale:
+                raise StaleStage(f"the config of stage {first} changed since it ran in "
+                                 f"{workdir} (" + "; ".join(stale[first][:3]) + "); stale: "
+                                 f"{', '.join(affected)}. Re-run them with --rerun-stale or use "
+                                 "another --workdir")
+            by_name = {s.name: s for s in stages}
+            for name in affected:
+                for out in by_name[name].outputs:
+                    paths.rmtree(os.path.join(workdir, out))
+                paths.remove(_record_path(workdir, name))
+            print_fn(f"re-running stale stages: {', '.join(affected)}")
         paths.write_text(os.path.join(workdir, "config.json"), config_lib.to_json(cfg))
-    _barrier("start")
+
+    parallel.on_leader("the chain's start", prepare)
     summaries = {}
     for stage in stages:
         if only and stage.name not in only:
             continue
         record = _record_path(workdir, stage.name)
-        if stage.done(cfg, workdir) and paths.exists(record):
-            summaries[stage.name] = json.loads(paths.read_text(record)).get("summary", {})
+
+        def recorded(stage=stage, record=record):
+            if stage.done(cfg, workdir) and paths.exists(record):
+                return json.loads(paths.read_text(record)).get("summary", {})
+            return None
+
+        done = _leader_decides(f"the check of stage {stage.name}", recorded)
+        if done is not None:
+            summaries[stage.name] = done
             print_fn(f"[{stage.name}] complete, skipped")
             continue
         print_fn(f"[{stage.name}] running")
         start = time.time()
-        summary = {}
-        if stage.all_hosts or _is_leader():
+        if stage.all_hosts:
             summary = stage.run(cfg, workdir) or {}
+        else:
+            summary = parallel.on_leader(f"stage {stage.name}",
+                                         lambda stage=stage: stage.run(cfg, workdir)) or {}
         summary = dict(summary, seconds=round(time.time() - start, 1))
         summaries[stage.name] = summary
         if _is_leader():
@@ -204,13 +238,8 @@ def _tokenizer_run(cfg, workdir):
 
 
 def _stage_steps_done(cfg, workdir, name):
-    from ldm_jax.checkpoint import Checkpointer
-    directory = os.path.join(workdir, name, "checkpoints")
-    if not paths.isdir(directory):
-        return False
-    ck = Checkpointer(directory)
-    step = ck.latest_step()
-    ck.close()
+    from ldm_jax.checkpoint import latest_step
+    step = latest_step(os.path.join(workdir, name, "checkpoints"))
     return step is not None and step >= cfg[name].train.steps
 
 
@@ -232,10 +261,11 @@ def _codec_eval_run(cfg, workdir):
     from ldm_jax.data import builders
     loaded = inference.load_trained(os.path.join(workdir, "codec"))
     source = builders.open_split(data_dir(cfg, workdir), cfg.data.name, "test")
-    n = min(len(source), cfg.codec.eval.num_examples)
-    clips = [source[i]["audio"] for i in range(n)]
+    clips = builders.Column(source, "audio", cfg.codec.eval.num_examples)
     result = inference.evaluate(loaded, clips, batch_size=cfg.codec.eval.batch_size)
-    paths.write_text(os.path.join(workdir, "codec", "eval.json"), json.dumps(result, indent=2))
+    if _is_leader():
+        paths.write_text(os.path.join(workdir, "codec", "eval.json"), json.dumps(result,
+                                                                                indent=2))
     return result
 
 
@@ -256,7 +286,9 @@ def _clap_eval_done(cfg, workdir):
 def _clap_eval_run(cfg, workdir):
     from ldm_jax.clap import evaluate as clap_eval
     result = clap_eval.evaluate(None, os.path.join(workdir, "clap"), data_dir(cfg, workdir))
-    paths.write_text(os.path.join(workdir, "clap", "eval.json"), json.dumps(result, indent=2))
+    if _is_leader():
+        paths.write_text(os.path.join(workdir, "clap", "eval.json"), json.dumps(result,
+                                                                                indent=2))
     keys = ("text_to_audio/recall_at_10", "zero_shot/instrument", "chance/recall_at_10",
             "chance/zero_shot/instrument")
     return {k: result[k] for k in keys if k in result}
@@ -294,7 +326,8 @@ def _samples_run(cfg, workdir):
     g = cfg.ldm.generation
     index = generate.write_samples(
         workdir, list(g.prompts), seconds=g.seconds, seed=g.seed, steps=g.steps,
-        sampler=g.sampler, cfg_scale=g.cfg_scale, negative_prompt=g.negative_prompt or None)
+        sampler=g.sampler, cfg_scale=g.cfg_scale, negative_prompt=g.negative_prompt or None,
+        generator=generate.get_generator(workdir, int(g.get("batch_size", 8))))
     return {"samples": len(index)}
 
 
@@ -332,18 +365,20 @@ def default_stages() -> list[Stage]:
               ("tokenizer",)),
         Stage("codec", ("data",), ("data", "codec"), steps("codec"), _codec_run,
               ("codec", "logs/codec"), all_hosts=True),
-        Stage("codec_eval", ("codec",), ("codec.eval",), _codec_eval_done, _codec_eval_run),
+        Stage("codec_eval", ("codec",), ("codec.eval",), _codec_eval_done, _codec_eval_run,
+              all_hosts=True),
         Stage("clap", ("data", "tokenizer"), ("data", "tokenizer", "clap"), steps("clap"),
               _clap_run, ("clap", "logs/clap"), all_hosts=True),
-        Stage("clap_eval", ("clap",), ("clap.eval",), _clap_eval_done, _clap_eval_run),
+        Stage("clap_eval", ("clap",), ("clap.eval",), _clap_eval_done, _clap_eval_run,
+              all_hosts=True),
         Stage("latents", ("codec",), ("data", "codec"), _latents_done, _latents_run,
               ("latents",), all_hosts=True),
         Stage("ldm", ("latents", "clap"), ("ldm",), steps("ldm"), _ldm_run,
               ("ldm", "logs/ldm"), all_hosts=True),
         Stage("samples", ("ldm",), ("ldm.generation",), _samples_done, _samples_run,
-              ("samples",)),
+              ("samples",), all_hosts=True),
         Stage("generation_eval", ("samples",), ("ldm.eval",), _generation_eval_done,
-              _generation_eval_run),
+              _generation_eval_run, all_hosts=True),
         Stage("report", ("codec_eval", "clap_eval", "generation_eval"), (),
               lambda cfg, w: False, _report_run),
     ]
