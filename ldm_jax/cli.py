@@ -2,6 +2,13 @@
 
 Every command takes `--config FILE[:arg]` (default: the embedded `tiny` experiment) and any number
 of `--config.a.b=value` overrides. Mistakes a user can make end in one line on stderr, exit code 2.
+
+Every command runs on several hosts as on one (each host runs the same command line; TPU pods and
+SLURM are detected, `--coordinator` or LDM_JAX_COORDINATOR elsewhere). Training, the chain and
+the commands that evaluate, encode or generate run on every host and share their batches;
+commands that write one file or one dataset from host code (`data build`, `tokenizer train`,
+`codec encode`, ...) run on process 0 while the others wait (`parallel.on_leader`). Process 0
+writes every output and prints the results.
 """
 
 from __future__ import annotations
@@ -79,9 +86,16 @@ def cmd_data_show(args, cfg):
     print(f"log-mel spectrograms: {png}")
 
 
+def _is_leader() -> bool:
+    from ldm_jax import parallel
+    return parallel.is_leader()
+
+
 def _print_json(result: dict, path: str | None):
-    """Prints metrics as JSON and also writes them to PATH when given."""
+    """Prints metrics as JSON and also writes them to PATH when given (process 0)."""
     import json
+    if not _is_leader():
+        return
     text = json.dumps(result, indent=2)
     print(text)
     if path:
@@ -147,7 +161,8 @@ def cmd_train_codec(args, cfg):
     stage = stage_config(cfg, "codec")
     result = codec_train.train(stage, workdir, _data_dir(args, stage))
     state = "stopped by a signal at" if result.preempted else "finished at"
-    print(f"codec: {state} step {result.step}; checkpoints in {workdir}/codec/checkpoints")
+    if _is_leader():
+        print(f"codec: {state} step {result.step}; checkpoints in {workdir}/codec/checkpoints")
 
 
 def _codec_source(args) -> str:
@@ -207,8 +222,7 @@ def cmd_codec_eval(args, cfg):
     loaded = inference.load_trained(_codec_source(args))
     stage = stage_config(cfg, "codec") if ("model" in cfg or "codec" in cfg) else cfg
     source = builders.open_split(_data_dir(args, stage), stage.data.name, args.split)
-    n = len(source) if args.max_clips <= 0 else min(args.max_clips, len(source))
-    clips = [source[i]["audio"] for i in range(n)]
+    clips = builders.Column(source, "audio", None if args.max_clips <= 0 else args.max_clips)
     result = inference.evaluate(loaded, clips, n_codebooks=args.n_codebooks)
     _print_json(result, args.json)
 
@@ -242,7 +256,8 @@ def cmd_train_clap(args, cfg):
                               _tokenizer_path(args, stage, workdir),
                               logdir=os.path.join(workdir, "logs", "clap"))
     state = "stopped by a signal at" if result.preempted else "finished at"
-    print(f"clap: {state} step {result.step}; checkpoints in {workdir}/clap/checkpoints")
+    if _is_leader():
+        print(f"clap: {state} step {result.step}; checkpoints in {workdir}/clap/checkpoints")
 
 
 def _clap_dir(args) -> str:
@@ -264,6 +279,8 @@ def cmd_clap_retrieve(args, cfg):
     stage = stage_config(cfg, "clap")
     ranked = clap_eval.retrieve(_clap_dir(args), _data_dir(args, stage), args.query,
                                 top=args.top, split=args.split)
+    if not _is_leader():
+        return
     print(f"query: {args.query!r}")
     for rank, (ident, caption, score) in enumerate(ranked, 1):
         print(f"{rank:2d}. {score:+.3f}  [{ident}] {caption}")
@@ -280,9 +297,10 @@ def cmd_latents_encode(args, cfg):
     summary = latents.encode_latents(args.codec or _require_workdir(args), stage.data,
                                      _data_dir(args, stage), paths.resolve(out),
                                      overwrite=args.overwrite)
-    print(f"latents: {summary.get('path', out)} {summary.get('splits', {})}, "
-          f"{summary.get('latent_dim')} channels at {summary.get('frame_rate')} frames/s, "
-          f"scale factor {summary.get('scale_factor', float('nan')):.4g}")
+    if _is_leader():
+        print(f"latents: {summary.get('path', out)} {summary.get('splits', {})}, "
+              f"{summary.get('latent_dim')} channels at {summary.get('frame_rate')} frames/s, "
+              f"scale factor {summary.get('scale_factor', float('nan')):.4g}")
 
 
 def cmd_train_ldm(args, cfg):
@@ -292,7 +310,8 @@ def cmd_train_ldm(args, cfg):
     result = ldm_train.train(stage, workdir, args.latents or os.path.join(workdir, "latents"),
                              args.clap or os.path.join(workdir, "clap"))
     state = "stopped by a signal at" if result.preempted else "finished at"
-    print(f"ldm: {state} step {result.step}; checkpoints in {workdir}/ldm/checkpoints")
+    if _is_leader():
+        print(f"ldm: {state} step {result.step}; checkpoints in {workdir}/ldm/checkpoints")
 
 
 def cmd_generate(args, cfg):
@@ -312,14 +331,14 @@ def cmd_generate(args, cfg):
     if args.inpaint_audio:
         inpaint, _ = audio_io.read_audio(args.inpaint_audio, sample_rate=gen.sample_rate)
     sampler = "dpmpp_2m" if args.sampler == "dpmpp" else args.sampler
-    audio = gen.generate(prompts, seconds=args.seconds, steps=args.steps, sampler=sampler,
-                         cfg_scale=args.cfg, negative_prompt=args.negative_prompt,
-                         seed=[args.seed + i for i in range(len(prompts))],
-                         init_audio=None if init is None else [init[:, 0]] * len(prompts),
-                         strength=args.strength,
-                         inpaint_audio=None if inpaint is None else [inpaint[:, 0]] * len(prompts),
-                         inpaint_start=args.inpaint_start, inpaint_end=args.inpaint_end,
-                         progress=True)
+    audio = gen.generate_shared(
+        prompts, seconds=args.seconds, steps=args.steps, sampler=sampler, cfg_scale=args.cfg,
+        negative_prompt=args.negative_prompt, seed=[args.seed + i for i in range(len(prompts))],
+        init_audio=None if init is None else [init[:, 0]] * len(prompts), strength=args.strength,
+        inpaint_audio=None if inpaint is None else [inpaint[:, 0]] * len(prompts),
+        inpaint_start=args.inpaint_start, inpaint_end=args.inpaint_end, progress=True)
+    if not _is_leader():
+        return
     outs = [args.output] if len(prompts) == 1 else [
         f"{os.path.splitext(args.output)[0]}_{i:03d}.wav" for i in range(len(prompts))]
     for path, clip, prompt in zip(outs, audio, prompts):
@@ -354,12 +373,15 @@ def cmd_run(args, cfg):
 def cmd_demo(args, cfg):
     from ldm_jax import chain
     workdir = paths.resolve(args.workdir or os.path.join("runs", "demo"))
-    print(f"ldm-jax demo: the embedded tiny experiment into {workdir} (CPU, tiny models)")
+    if _is_leader():
+        print(f"ldm-jax demo: the embedded tiny experiment into {workdir} (CPU, tiny models)")
     chain.run_chain(chain.default_stages(), cfg, workdir, rerun_stale=args.rerun_stale)
     _print_outputs(workdir)
 
 
 def _print_outputs(workdir: str):
+    if not _is_leader():
+        return
     samples = os.path.join(workdir, "samples")
     if paths.isdir(samples):
         wavs = [f for f in paths.listdir(samples) if f.endswith(".wav")]
@@ -439,7 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="rebuild even if a dataset with other parameters is there")
     _add_config(p, data_dir=True)
-    p.set_defaults(func=cmd_data_build)
+    _add_distributed(p)
+    p.set_defaults(func=cmd_data_build, leader=True)
     p = data_sub.add_parser("show", help="print examples with captions; write a log-mel PNG",
                             epilog=EPILOG)
     p.add_argument("name", choices=("synthetic_music", "audio_folder"))
@@ -447,7 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--num", type=int, default=4, help="how many examples")
     p.add_argument("--png", default=None, help="where to write the spectrograms")
     _add_config(p, data_dir=True)
-    p.set_defaults(func=cmd_data_show)
+    _add_distributed(p)
+    p.set_defaults(func=cmd_data_show, leader=True)
 
     tok = sub.add_parser("tokenizer", help="caption tokenizer", epilog=EPILOG)
     tok_sub = tok.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
@@ -455,7 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
                            epilog=EPILOG)
     p.add_argument("--out", default=None, help="model file (default: W/tokenizer/spm.model)")
     _add_config(p, data_dir=True)
-    p.set_defaults(func=cmd_tokenizer_train)
+    _add_distributed(p)
+    p.set_defaults(func=cmd_tokenizer_train, leader=True)
 
     p = sub.add_parser("run", help="run the experiment chain (each stage resumable)",
                        epilog=EPILOG)
@@ -527,6 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inpaint-start", type=float, default=None, help="seconds")
     p.add_argument("--inpaint-end", type=float, default=None, help="seconds")
     _add_config(p, default="ldm_tiny")
+    _add_distributed(p)
     p.set_defaults(func=cmd_generate)
 
     ev = sub.add_parser("eval", help="evaluate a trained stage", epilog=EPILOG)
@@ -540,6 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-untrained", action="store_true",
                    help="skip the baseline scores of the U-Net at initialisation")
     _add_config(p, default="ldm_tiny")
+    _add_distributed(p)
     p.set_defaults(func=cmd_eval_generation)
 
     clap = sub.add_parser("clap", help="use a trained CLAP: evaluate, retrieve", epilog=EPILOG)
@@ -549,6 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="write the metrics here")
     p.add_argument("--split", default="test", choices=("train", "test"))
     _add_config(p, data_dir=True, default="clap_tiny")
+    _add_distributed(p)
     p.set_defaults(func=cmd_clap_eval)
     p = clap_sub.add_parser("retrieve", help="rank clips by similarity to a text query",
                             epilog=EPILOG)
@@ -556,6 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=5)
     p.add_argument("--split", default="test", choices=("train", "test"))
     _add_config(p, data_dir=True, default="clap_tiny")
+    _add_distributed(p)
     p.set_defaults(func=cmd_clap_retrieve)
 
     codec = sub.add_parser("codec", help="use a codec: encode, decode, evaluate, import",
@@ -570,7 +599,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--n-codebooks", type=int, default=None,
                        help="use only the first K codebooks (lower bitrate)")
         _add_config(p, default="codec_tiny")
-        p.set_defaults(func=func)
+        _add_distributed(p)
+        p.set_defaults(func=func, leader=True)
     p = codec_sub.add_parser("eval", help="reconstruction metrics on the test split",
                              epilog=EPILOG)
     p.add_argument("--codec", default=None, help="a codec directory (instead of --workdir)")
@@ -579,13 +609,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-codebooks", type=int, default=None)
     p.add_argument("--max-clips", type=int, default=0, help="evaluate at most N clips (0: all)")
     _add_config(p, data_dir=True, default="codec_tiny")
+    _add_distributed(p)
     p.set_defaults(func=cmd_codec_eval)
     p = codec_sub.add_parser("import-dac", help="import a released DAC .pth checkpoint",
                              epilog=EPILOG)
     p.add_argument("weights", help="DAC weights .pth (read without executing pickled code)")
     p.add_argument("--out", required=True, help="codec directory to write")
     _add_config(p, workdir=False)
-    p.set_defaults(func=cmd_codec_import_dac)
+    _add_distributed(p)
+    p.set_defaults(func=cmd_codec_import_dac, leader=True)
 
     p = sub.add_parser(
         "bench", help="benchmark a stage: step time, compile time, FLOPs, MFU, memory",
@@ -661,7 +693,14 @@ def main(argv=None) -> int:
             cfg = config_lib.get_config(spec, overrides)
         else:  # `bench` loads each target's preset itself
             cfg, args.overrides = None, overrides
-        args.func(args, cfg)
+        if getattr(args, "leader", False):
+            from ldm_jax import parallel
+            # One dataset or file written from host code: process 0 does it, the others wait.
+            name = " ".join(filter(None, (args.command,
+                                          getattr(args, f"{args.command}_command", None))))
+            parallel.on_leader(f"ldm-jax {name}", lambda: args.func(args, cfg))
+        else:
+            args.func(args, cfg)
     except KeyboardInterrupt:
         print("ldm-jax: interrupted", file=sys.stderr)
         return 130
