@@ -150,11 +150,18 @@ def start(workdir, out, steps: int, *, hosts: int = 1, devices: int = 2,
     Returns:
       The started processes, by process index.
     """
-    os.makedirs(out, exist_ok=True)
     argv = [sys.executable, SCRIPT, "--workdir", str(workdir), "--out", str(out),
             "--steps", str(steps)]
     for key, value in flags.items():
         argv += [f"--{key.replace('_', '-')}", str(value)]
+    return start_cluster(argv, out, hosts=hosts, devices=devices)
+
+
+def start_cluster(argv: list[str], out, *, hosts: int, devices: int = 2
+                  ) -> list[subprocess.Popen]:
+    """Starts ARGV as `hosts` processes of one JAX cluster on a loopback coordinator, each
+    logging to `OUT/log{index}.txt`."""
+    os.makedirs(out, exist_ok=True)
     coordinator = f"127.0.0.1:{free_port()}"
     procs = []
     for index in range(hosts):
@@ -206,7 +213,7 @@ def finish(procs: list[subprocess.Popen], out, timeout: float = 180.0):
     """Waits and raises AssertionError with every log unless all processes exit with 0."""
     codes = wait(procs, timeout)
     if any(codes):
-        raise AssertionError(f"toy trainer exit codes {codes}\n{logs(out, len(procs))}")
+        raise AssertionError(f"exit codes {codes}\n{logs(out, len(procs))}")
 
 
 def progress(out, index: int = 0) -> int:

@@ -1,0 +1,185 @@
+"""Multi-host coordination checks run as the processes of one JAX cluster (see `test_hosts.py`).
+
+Each process runs every check below and writes what it saw to `OUT/host{index}.json`; a check
+that would hang on several hosts is cut by the test's timeout. The checks:
+
+- `gather`: `gather_objects`, `broadcast_from_leader`, `map_batches` (who computed which batch)
+  and `host_local` of a sharded and a replicated global array;
+- `leader`: `on_leader` returning a shared result, and a failure on process 0 reaching every
+  host; a checkpoint manager opened in a leader-only section (the chain's old codec_eval) is a
+  MultiHostError there, and the others hear of it instead of waiting;
+- `read`: a checkpoint written jointly by every host, read by process 0 alone
+  (`checkpoint.read_state`) while the others wait at a barrier;
+- `chain`: stages whose completeness each host would judge differently are skipped or run by
+  all of them alike, because process 0 decides;
+- `clap_eval`: the CLAP evaluator of the training loop on parameters that span the hosts.
+
+    python tests/hosts_main.py --out O --workdir W
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def check_gather() -> dict:
+    import jax
+    import numpy as np
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from ldm_jax import parallel
+
+    index = jax.process_index()
+    out = {"objects": parallel.gather_objects({"host": index, "text": "x" * (3 + 5 * index)}),
+           "broadcast": parallel.broadcast_from_leader(f"from {index}"),
+           "batches": parallel.map_batches(lambda rows: [index, list(rows)], 7, 2),
+           "any": parallel.any_host(index == 1)}
+    mesh = parallel.make_mesh()
+    value = np.arange(8 * 3, dtype=np.float32).reshape(8, 3)
+    sharded = jax.make_array_from_callback(value.shape, NamedSharding(mesh, P("data")),
+                                           lambda i: value[i])
+    replicated = jax.make_array_from_callback(value.shape, NamedSharding(mesh, P()),
+                                              lambda i: value[i])
+    local = parallel.host_local({"sharded": sharded, "replicated": replicated})
+    out["host_local"] = {k: bool(np.array_equal(np.asarray(v), value)) for k, v in local.items()}
+    return out
+
+
+def check_leader(workdir: str) -> dict:
+    from ldm_jax import parallel
+    from ldm_jax.checkpoint import Checkpointer
+
+    out = {"shared": parallel.on_leader("a shared answer", lambda: {"answer": 42}, share=True)}
+
+    def fail():
+        raise ValueError("no such dataset\nsecond line")
+
+    def open_manager():
+        Checkpointer(os.path.join(workdir, "leader_manager"))
+
+    for name, fn in (("failure", fail), ("manager", open_manager)):
+        try:
+            parallel.on_leader(f"check {name}", fn)
+            out[name] = None
+        except Exception as e:  # noqa: BLE001 — the test looks at what each host raised
+            out[name] = [type(e).__name__, str(e)]
+    return out
+
+
+def check_read(workdir: str) -> dict:
+    import jax
+    import numpy as np
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from ldm_jax import checkpoint, parallel
+
+    mesh = parallel.make_mesh()
+    value = np.arange(16, dtype=np.float32).reshape(8, 2)
+    state = {"step": np.asarray(3, np.int32), "params": {"w": jax.make_array_from_callback(
+        value.shape, NamedSharding(mesh, P("data")), lambda i: value[i])}}
+    directory = os.path.join(workdir, "joint")
+    ck = checkpoint.Checkpointer(directory)
+    ck.save(3, state)
+    ck.close()
+
+    def read():
+        saved, step = checkpoint.read_state(directory)
+        return {"step": step, "equal": bool(np.array_equal(saved["params"]["w"], value)),
+                "type": type(saved["params"]["w"]).__name__,
+                "latest": checkpoint.latest_step(directory)}
+
+    return parallel.on_leader("a read by process 0", read, share=True)
+
+
+def check_chain(workdir: str) -> dict:
+    import jax
+    import ml_collections
+
+    from ldm_jax import chain, paths
+
+    ran = []
+
+    def stage(name, all_hosts, done):
+        def run(cfg, w):
+            ran.append(name)
+            return {"by": jax.process_index()}
+
+        return chain.Stage(name, (), (), done, run, (), all_hosts=all_hosts)
+
+    # Each host sees the file system differently: process 0 finds "seen_done" complete and
+    # "seen_missing" not; the other hosts the reverse. Process 0's view must win everywhere.
+    leader = jax.process_index() == 0
+    stages = [stage("seen_done", True, lambda cfg, w: leader),
+              stage("seen_missing", True, lambda cfg, w: not leader),
+              stage("alone", False, lambda cfg, w: False)]
+    root = os.path.join(workdir, "chain")
+    if leader:
+        paths.write_text(os.path.join(root, "stages", "seen_done.json"),
+                         json.dumps({"config": {}, "summary": {"earlier": True}}))
+    summaries = chain.run_chain(stages, ml_collections.ConfigDict(), root,
+                                print_fn=lambda *a: None)
+    return {"ran": ran, "summaries": {k: {x: y for x, y in v.items() if x != "seconds"}
+                                      for k, v in summaries.items()}}
+
+
+def check_clap_eval() -> dict:
+    import jax
+    import numpy as np
+
+    from ldm_jax import config as config_lib
+    from ldm_jax import parallel
+    from ldm_jax.clap import evaluate as clap_eval
+    from ldm_jax.clap import model as clap_model
+    from ldm_jax.clap.text import Tokenizer
+
+    cfg = config_lib.get_config("clap_tiny", [
+        "data.sample_rate=8000", "data.crop_seconds=0.4", "tokenizer.vocab_size=40",
+        "tokenizer.max_length=12", "model.embed_dim=8", "model.text.width=16",
+        "model.text.num_layers=1", "model.text.num_heads=2", "model.audio.width=16",
+        "model.audio.num_layers=1", "model.audio.num_heads=2", "model.audio.max_seconds=0.5",
+        "model.audio.n_fft=256", "model.audio.hop_length=128", "model.audio.n_mels=16",
+        "eval.batch_size=2"])
+    rng = np.random.default_rng(0)
+    words = ("organ", "bell", "piano", "drum")
+    source = [{"audio": rng.standard_normal(3200).astype(np.float32) * 0.1,
+               "caption": f"a {words[i % 4]} piece number {i}", "instrument": "organ"}
+              for i in range(8)]
+    tokenizer = Tokenizer.train([s["caption"] for s in source] * 4, vocab_size=40)
+    params = clap_model.init_params(cfg, jax.random.key(0))
+    # The training loop's state: global arrays over every host's devices.
+    mesh = parallel.make_mesh()
+    shardings = parallel.tree_shardings(params, mesh)
+    state = {"params": jax.tree_util.tree_map(
+        lambda x, s: jax.make_array_from_callback(x.shape, s, lambda i: np.asarray(x)[i]),
+        params, shardings)}
+    metrics = clap_eval.make_evaluator(cfg, source, tokenizer)(state)
+    reference = clap_eval.evaluate_params(jax.device_get(params), cfg, source, tokenizer)
+    return {"metrics": metrics, "reference": reference}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--workdir", required=True)
+    args = parser.parse_args(argv)
+
+    import jax
+
+    from ldm_jax import parallel
+
+    parallel.initialize_distributed()
+    result = {"process_count": jax.process_count(), "gather": check_gather(),
+              "leader": check_leader(args.workdir), "read": check_read(args.workdir),
+              "chain": check_chain(args.workdir), "clap_eval": check_clap_eval()}
+    with open(os.path.join(args.out, f"host{jax.process_index()}.json"), "w") as f:
+        json.dump(result, f, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
