@@ -65,17 +65,6 @@ def _is_leader() -> bool:
     return parallel.is_leader()
 
 
-def _barrier(name: str):
-    from ldm_jax import parallel
-    parallel.barrier(f"ldm_jax chain: {name}")
-
-
-def _leader_decides(name: str, fn: Callable):
-    """fn() evaluated by process 0 alone, the same value on every host."""
-    from ldm_jax import parallel
-    return parallel.on_leader(name, fn, share=True)
-
-
 def _section(cfg, path: str):
     node = cfg
     for part in path.split("."):
@@ -175,7 +164,8 @@ def run_chain(stages: list[Stage], cfg, workdir: str, *, only: list[str] | None 
                 return json.loads(paths.read_text(record)).get("summary", {})
             return None
 
-        done = _leader_decides(f"the check of stage {stage.name}", recorded)
+        # Process 0 judges, every host follows.
+        done = parallel.on_leader(f"the check of stage {stage.name}", recorded, share=True)
         if done is not None:
             summaries[stage.name] = done
             print_fn(f"[{stage.name}] complete, skipped")
@@ -189,10 +179,13 @@ def run_chain(stages: list[Stage], cfg, workdir: str, *, only: list[str] | None 
                                          lambda stage=stage: stage.run(cfg, workdir)) or {}
         summary = dict(summary, seconds=round(time.time() - start, 1))
         summaries[stage.name] = summary
-        if _is_leader():
+
+        def write_record(stage=stage, record=record, summary=summary):
             paths.write_text(record, json.dumps({"config": fingerprint(cfg, stage),
                                                  "summary": summary}, indent=2, default=str))
-        _barrier(stage.name)
+
+        # Also the stage's barrier: no host starts the next stage before the record is written.
+        parallel.on_leader(f"the record of stage {stage.name}", write_record)
         print_fn(f"[{stage.name}] done in {summary['seconds']:.0f} s")
     return summaries
 

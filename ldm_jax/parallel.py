@@ -209,8 +209,8 @@ def _refusing(what: str, original: Callable, allowed: Callable | None = None) ->
     def refuse(*args, **kwargs):
         if allowed is not None and allowed(*args, **kwargs):
             return original(*args, **kwargs)
-        name = args[0] if args and isinstance(args[0], str) else original.__name__
-        require_all_hosts(f"{what} ({name})")
+        named = f" ({args[0]})" if args and isinstance(args[0], str) else ""
+        require_all_hosts(what + named)
         return original(*args, **kwargs)
     return refuse
 

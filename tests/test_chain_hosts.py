@@ -46,7 +46,7 @@ OVERRIDES = [
     "ldm.generation.batch_size=2", "ldm.eval.num_prompts=8", "ldm.eval.steps=2",
     "ldm.eval.batch_size=2", "ldm.eval.seconds=1.0",
 ]
-TIMEOUT = 900
+TIMEOUT = 1500  # seconds per chain run; one takes about 4 minutes on 2 CPU cores
 
 
 def environment() -> dict:

@@ -440,24 +440,28 @@ def encode_latents(codec_path: str, data_cfg, data_dir: str, out_dir: str, *,
                      split=split, params=part_params, features=features, latent_key=latent,
                      source_rate=source_rate, batch_size=batch_size, progress=progress)
     parallel.barrier("ldm_jax_latents_parts")
-    stats = None
-    if index == 0:
+
+    def merge():
+        """Process 0 joins every host's parts once all are complete; the others wait."""
+        if index != 0:
+            return None
         parts = {split: [_part_dir(out_dir, split, i, count) for i in range(count)]
                  for split in splits}
-        done = all(_part_complete(p, {**params, "split": s, "process": [i, count]},
-                                  s == "train")
-                   for s, dirs in parts.items() for i, p in enumerate(dirs))
-        if done:
-            moments = Moments(dim)
-            for part in parts.get("train", []):
-                moments.merge(_part_moments(part, dim))
-            stats = {**moments.stats(loaded.config.frame_rate, loaded.sample_rate).to_dict(),
-                     "latent": latent, "codec_step": codec["step"],
-                     "source": data_cfg.name, "data_dir": paths.resolve(data_dir)}
-            _merge(out_dir, parts, params, {"splits": splits}, stats)
-            _write_stats_file(out_dir, stats)
-            paths.rmtree(os.path.join(out_dir, PARTS_DIR))
-    parallel.barrier("ldm_jax_latents_merged")
+        if not all(_part_complete(p, {**params, "split": s, "process": [i, count]}, s == "train")
+                   for s, dirs in parts.items() for i, p in enumerate(dirs)):
+            return None
+        moments = Moments(dim)
+        for part in parts.get("train", []):
+            moments.merge(_part_moments(part, dim))
+        stats = {**moments.stats(loaded.config.frame_rate, loaded.sample_rate).to_dict(),
+                 "latent": latent, "codec_step": codec["step"],
+                 "source": data_cfg.name, "data_dir": paths.resolve(data_dir)}
+        _merge(out_dir, parts, params, {"splits": splits}, stats)
+        _write_stats_file(out_dir, stats)
+        paths.rmtree(os.path.join(out_dir, PARTS_DIR))
+        return stats
+
+    stats = parallel.on_leader("the latents merge", merge)
     if stats is None:
         merged = _read_json(os.path.join(out_dir, STATS_FILE))
         if merged is None or not paths.isdir(dataset_path(out_dir, NAME)):
