@@ -187,6 +187,20 @@ def _abstract_with_shardings(abstract, shardings):
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
+def _host_code(task: Task, what: str, state):
+    """`task.evaluate(state)` or `task.media(state)`, with a clear error where it reads arrays
+    that span hosts without gathering them."""
+    try:
+        return getattr(task, what)(state)
+    except RuntimeError as e:
+        if "non-addressable" not in str(e):
+            raise
+        raise parallel.MultiHostError(
+            f"{task.name}: its {what} function read device arrays that span several hosts; "
+            "read the state through parallel.host_local and share work with "
+            "parallel.map_batches") from e
+
+
 def initial_state(task: Task, rng, mesh, checkpointer: Checkpointer, *, resume_from: str = "",
                   init_from: str = "", data_iterator=None):
     """Resume order: own checkpoint, explicit resume path, params-only init path, scratch."""
@@ -316,13 +330,14 @@ def train(task: Task, data_iterator: Iterator[dict], *, workdir: str, num_steps:
                     sums, count, t_last, steps_since = {}, 0, now, 0
                     if eval_every and task.evaluate and step % eval_every == 0 \
                             and step != num_steps:
-                        row.update({f"eval/{k}": v for k, v in task.evaluate(state).items()})
+                        row.update({f"eval/{k}": v for k, v in
+                                    _host_code(task, "evaluate", state).items()})
                     writer.scalars(step, row)
                     history.append({"step": step, **row})
                     bar.set_postfix(loss=f"{row.get('train/' + task.loss_key, float('nan')):.4g}")
                 if lg["audio_every_steps"] and task.media and \
                         step % lg["audio_every_steps"] == 0:
-                    writer.media(step, task.media(state))
+                    writer.media(step, _host_code(task, "media", state))
                 if ckpt_now:
                     save(step)
                 if (log_now or jax.process_count() == 1) and stop.any_host():
@@ -335,11 +350,12 @@ def train(task: Task, data_iterator: Iterator[dict], *, workdir: str, num_steps:
                 settle(pending)
             save(step)
             if not preempted and task.evaluate is not None:
-                row = {f"eval/{k}": v for k, v in task.evaluate(state).items()}
+                row = {f"eval/{k}": v for k, v in
+                       _host_code(task, "evaluate", state).items()}
                 writer.scalars(step, row)
                 history.append({"step": step, **row})
             if not preempted and task.media is not None and lg["audio_every_steps"]:
-                writer.media(step, task.media(state))
+                writer.media(step, _host_code(task, "media", state))
     finally:
         bar.close()
         writer.close()

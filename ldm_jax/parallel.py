@@ -202,7 +202,8 @@ def require_all_hosts(what: str):
     if _LEADER_ONLY:
         raise MultiHostError(
             f"{_LEADER_ONLY[-1]} runs on process 0 only, but reached {what}, which every host "
-            "must reach; run it on all hosts or read checkpoints with checkpoint.read_state")
+            "must reach: run it on every host, or keep it to host code (trained models load "
+            "with checkpoint.read_state)")
 
 
 def _refusing(what: str, original: Callable, allowed: Callable | None = None) -> Callable:
@@ -352,6 +353,7 @@ def map_batches(fn: Callable[[range], object], n: int, batch_size: int, *,
     """
     from tqdm.auto import tqdm
 
+    require_all_hosts("work shared among the hosts")  # before the work, not after it
     size = max(int(batch_size), 1)
     mine = host_batches(-(-n // size))
     bar = tqdm(mine, desc=desc, leave=False, disable=desc is None or not is_leader()

@@ -12,7 +12,10 @@ that would hang on several hosts is cut by the test's timeout. The checks:
   (`checkpoint.read_state`) while the others wait at a barrier;
 - `chain`: stages whose completeness each host would judge differently are skipped or run by
   all of them alike, because process 0 decides;
-- `clap_eval`: the CLAP evaluator of the training loop on parameters that span the hosts.
+- `clap_eval`: CLAP trained by the loop, evaluated at the end on parameters that span the
+  hosts (the evaluation that failed on two hosts), against the same evaluation of the
+  gathered parameters; and an evaluation that reads a sharded parameter without gathering
+  it, which must fail with a message saying so.
 
     python tests/hosts_main.py --out O --workdir W
 """
@@ -127,15 +130,16 @@ def check_chain(workdir: str) -> dict:
                                       for k, v in summaries.items()}}
 
 
-def check_clap_eval() -> dict:
+def check_clap_eval(workdir: str) -> dict:
     import jax
     import numpy as np
 
     from ldm_jax import config as config_lib
-    from ldm_jax import parallel
+    from ldm_jax import loop, parallel
     from ldm_jax.clap import evaluate as clap_eval
-    from ldm_jax.clap import model as clap_model
+    from ldm_jax.clap import train as clap_train
     from ldm_jax.clap.text import Tokenizer
+    from ldm_jax.data import pipeline
 
     cfg = config_lib.get_config("clap_tiny", [
         "data.sample_rate=8000", "data.crop_seconds=0.4", "tokenizer.vocab_size=40",
@@ -143,23 +147,63 @@ def check_clap_eval() -> dict:
         "model.text.num_layers=1", "model.text.num_heads=2", "model.audio.width=16",
         "model.audio.num_layers=1", "model.audio.num_heads=2", "model.audio.max_seconds=0.5",
         "model.audio.n_fft=256", "model.audio.hop_length=128", "model.audio.n_mels=16",
-        "eval.batch_size=2"])
+        "train.batch_size=4", "train.warmup=1", "eval.batch_size=4"])
     rng = np.random.default_rng(0)
     words = ("organ", "bell", "piano", "drum")
     source = [{"audio": rng.standard_normal(3200).astype(np.float32) * 0.1,
                "caption": f"a {words[i % 4]} piece number {i}", "instrument": "organ"}
               for i in range(8)]
     tokenizer = Tokenizer.train([s["caption"] for s in source] * 4, vocab_size=40)
-    params = clap_model.init_params(cfg, jax.random.key(0))
-    # The training loop's state: global arrays over every host's devices.
-    mesh = parallel.make_mesh()
-    shardings = parallel.tree_shardings(params, mesh)
-    state = {"params": jax.tree_util.tree_map(
-        lambda x, s: jax.make_array_from_callback(x.shape, s, lambda i: np.asarray(x)[i]),
-        params, shardings)}
-    metrics = clap_eval.make_evaluator(cfg, source, tokenizer)(state)
-    reference = clap_eval.evaluate_params(jax.device_get(params), cfg, source, tokenizer)
+    # CLAP's own stage as the chain runs it: the loop evaluates the global state (its arrays
+    # span both hosts) after training, every host evaluating its batches of the test split.
+    mesh = parallel.make_mesh(cfg.mesh)
+    task = clap_train.make_task(cfg, tokenizer,
+                                evaluate=clap_eval.make_evaluator(cfg, source, tokenizer))
+    iterator = pipeline.make_iterator(source, cfg.data,
+                                      batch_size=parallel.per_host_batch(4, mesh),
+                                      fields=clap_train.read_fields(source))
+    result = loop.train(task, iterator, workdir=os.path.join(workdir, "clap"), num_steps=2,
+                        mesh=mesh, checkpoint_cfg={"every_steps": 0},
+                        log_cfg={"every_steps": 1, "progress": False})
+    metrics = {k[len("eval/"):]: v for k, v in result.history[-1].items()
+               if k.startswith("eval/")}
+    params = jax.device_get(parallel.host_local(result.state["params"]))
+    reference = clap_eval.evaluate_params(params, cfg, source, tokenizer)
     return {"metrics": metrics, "reference": reference}
+
+
+def check_unguarded_evaluation(workdir: str) -> list:
+    """An evaluation that reads a parameter sharded over both hosts without gathering it."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from ldm_jax import loop, parallel
+
+    tx = optax.sgd(0.1)
+
+    def init(rng):
+        params = {"w": jax.random.normal(rng, (64, 64))}  # large enough to be FSDP-sharded
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+    def step(state, batch, rng):
+        loss, grads = jax.value_and_grad(
+            lambda p: jnp.mean((batch["x"] @ p["w"]) ** 2))(state["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"])
+        return {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
+                "opt_state": opt_state}, {"loss": loss}
+
+    task = loop.Task(name="toy", init=init, step=step, model_config={},
+                     evaluate=lambda state: {"norm": float(np.linalg.norm(state["params"]["w"]))})
+    batches = iter([{"x": np.ones((2, 64), np.float32)}] * 2)
+    try:
+        loop.train(task, batches, workdir=os.path.join(workdir, "toy"), num_steps=1,
+                   mesh=parallel.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}),
+                   checkpoint_cfg={"every_steps": 0}, log_cfg={"progress": False})
+    except Exception as e:  # noqa: BLE001 — the test looks at the error
+        return [type(e).__name__, str(e)]
+    return []
 
 
 def main(argv=None) -> int:
@@ -175,7 +219,8 @@ def main(argv=None) -> int:
     parallel.initialize_distributed()
     result = {"process_count": jax.process_count(), "gather": check_gather(),
               "leader": check_leader(args.workdir), "read": check_read(args.workdir),
-              "chain": check_chain(args.workdir), "clap_eval": check_clap_eval()}
+              "chain": check_chain(args.workdir), "clap_eval": check_clap_eval(args.workdir),
+              "unguarded": check_unguarded_evaluation(args.workdir)}
     with open(os.path.join(args.out, f"host{jax.process_index()}.json"), "w") as f:
         json.dump(result, f, default=str)
     return 0

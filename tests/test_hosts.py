@@ -1,6 +1,7 @@
 """Multi-host coordination (`parallel`'s gathers, leader-only sections, sync-free checkpoint
 reads, the chain's decisions): on one process, and as two JAX hosts (`hosts_main.py`)."""
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -13,6 +14,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from ldm_jax import chain, checkpoint, parallel
+from ldm_jax import config as config_lib
+from ldm_jax.data import builders
 
 HERE = os.path.dirname(__file__)
 _spec = importlib.util.spec_from_file_location("toy_train_main",
@@ -77,6 +80,13 @@ def test_clap_evaluation_reads_parameters_that_span_the_hosts(two_hosts):
     assert two_hosts[0]["clap_eval"] == two_hosts[1]["clap_eval"]
 
 
+def test_an_evaluation_that_reads_arrays_spanning_hosts_says_so(two_hosts):
+    for host in two_hosts:
+        kind, message = host["unguarded"]
+        assert kind == "MultiHostError"
+        assert "toy: its evaluate function read device arrays that span several hosts" in message
+
+
 # ------------------------------------------------------------------------------ one process
 
 def test_leader_only_sections_refuse_every_multi_host_call(tmp_path):
@@ -137,9 +147,28 @@ def test_a_leader_only_stage_that_synchronises_fails_loudly(tmp_path):
         parallel.map_batches(lambda rows: len(rows), 4, 2)
 
     stages = [chain.Stage("codec_eval", (), (), lambda cfg, w: False, shared_eval)]
-    with pytest.raises(parallel.MultiHostError, match="reached a gather across hosts"):
+    with pytest.raises(parallel.MultiHostError, match="reached work shared among the hosts"):
         chain.run_chain(stages, ml_collections.ConfigDict(), str(tmp_path / "2"),
                         print_fn=lambda *a: None)
+
+
+def test_codec_eval_put_back_on_process_0_alone_fails_on_one_host(tmp_path):
+    """The first stage that broke on two hosts: on process 0 alone it would now share its
+    batches with hosts that are not there, which one host already refuses."""
+    spec = importlib.util.spec_from_file_location(
+        "generate_test", os.path.join(HERE, "diffusion", "test_generate.py"))
+    generate_test = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generate_test)
+    generate_test.write_codec(tmp_path / "codec")
+    cfg = config_lib.get_config("tiny", ["data.num_train=2", "data.num_test=2",
+                                         "data.clip_seconds=0.25"])
+    builders.build("synthetic_music", cfg.data, str(tmp_path / "data"), workers=1,
+                   progress=False)
+    (stage,) = [dataclasses.replace(s, all_hosts=False) for s in chain.default_stages()
+                if s.name == "codec_eval"]
+    with pytest.raises(parallel.MultiHostError, match="stage codec_eval runs on process 0 "
+                       "only, but reached work shared among the hosts"):
+        chain.run_chain([stage], cfg, str(tmp_path), print_fn=lambda *a: None)
 
 
 def test_the_default_chain_runs_only_host_code_on_process_0_alone():
