@@ -77,10 +77,10 @@ def random_condition(section, batch: int, rng: np.random.Generator) -> dict:
       {"context": float32 [B, L, context_dim], "context_mask": bool [B, L],
        "pooled": float32 [B, pooled_dim]}.
     """
-    from ldm_jax.diffusion import train as ldm_train
+    from ldm_jax.diffusion import conditioning
 
     m = section.model
-    embedding = ldm_train.conditioning_mode(section) == "embedding"
+    embedding = conditioning.conditioning_mode(section) == "embedding"
     length = 1 if embedding else int(section.tokenizer.max_length)
     context = rng.standard_normal((batch, length, int(m.context_dim))).astype(np.float32)
     ends = rng.integers(1, length + 1, batch)

@@ -544,8 +544,8 @@ def bench_sample(opts: Options) -> dict:
     import flax.linen as nn
 
     from ldm_jax.codec.model import Codec, make_codec
-    from ldm_jax.diffusion import samplers
-    from ldm_jax.diffusion import train as ldm_train
+    from ldm_jax.diffusion import conditioning, samplers
+    from ldm_jax.diffusion import config as ldm_config
     from ldm_jax.diffusion.unet import example_inputs, make_unet
 
     if opts.batch is not None:
@@ -569,8 +569,8 @@ def bench_sample(opts: Options) -> dict:
     hop = jnp.zeros((1, codec_cfg.hop_length, codec_cfg.channels), jnp.float32)
     variables = meter.call(lambda r: nn.meta.unbox(codec.init({"params": r}, hop)),
                            jax.random.key(1))
-    objective = ldm_train.diffusion_config(section)["objective"]
-    schedule = ldm_train.schedule_from_config(section)
+    objective = ldm_config.diffusion_config(section).objective
+    schedule = ldm_config.schedule_from_config(section)
     gen = dict(section.get("generation", {}) or {})
     scale = jnp.float32(gen.get("cfg_scale", 3.0))
 
@@ -592,7 +592,7 @@ def bench_sample(opts: Options) -> dict:
     def row(b: int) -> dict:
         cond = inputs.random_condition(section, b, rng)
         noise = rng.standard_normal((b, frames, unet.latent_channels)).astype(np.float32)
-        args = jax.device_put((params, noise, cond, ldm_train.null_condition(cond), scale,
+        args = jax.device_put((params, noise, cond, conditioning.null_condition(cond), scale,
                                jax.random.key(2)))
         sampler, _, sampler_compile = meter.compile(generate, *args)
         latents, sampler_times = timing.time_calls(sampler, *args, repeats=meter.repeats)

@@ -23,11 +23,7 @@ def get_config(arg=None):
     c.data = common.data(name="audio_folder", sample_rate=48000, crop_seconds=10.0,
                          max_seconds=30.0, worker_count=8, worker_buffer_size=4)
     c.tokenizer = common.tokenizer(vocab_size=32000, max_length=77)
-    c.model = clap_tiny.model(
-        c, embed_dim=512, dtype="bfloat16",
-        text=dict(width=768, num_layers=12, num_heads=12, mlp_ratio=4.0),
-        audio=dict(max_seconds=10.0, n_fft=1024, hop_length=480, n_mels=64, fmin=50.0,
-                   fmax=14000.0, width=768, num_layers=12, num_heads=12, mlp_ratio=4.0))
+    c.model = clap_tiny.model(c, "clap_base")
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 100_000

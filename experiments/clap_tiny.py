@@ -10,37 +10,19 @@ played on an organ") are in distribution.
   ldm-jax train clap --config clap_tiny --workdir W
 """
 
-import math
-
 import ml_collections
 
 from experiments import common
+from ldm_jax.clap.model import PRESETS
 
 
-def model(c: ml_collections.ConfigDict, *, embed_dim: int, text: dict, audio: dict,
-          dtype: str = "float32") -> ml_collections.ConfigDict:
-    """The `model` section; vocabulary, caption length and sample rate follow `c`'s sections."""
-    m = ml_collections.ConfigDict()
-    m.embed_dim = embed_dim
-    m.dtype = dtype
-    m.remat = False
-    m.logit_scale_init = math.log(1 / 0.07)
-    m.logit_scale_max = math.log(100.0)
-    m.text = ml_collections.ConfigDict()
+def model(c: ml_collections.ConfigDict, preset: str) -> ml_collections.ConfigDict:
+    """The `model` section: a preset of `ldm_jax.clap.model.PRESETS`, with the vocabulary and
+    caption length following `c.tokenizer` and the sample rate following `c.data`."""
+    m = PRESETS[preset].to_config_dict()
     m.text.vocab_size = c.tokenizer.get_ref("vocab_size")
     m.text.max_length = c.tokenizer.get_ref("max_length")
-    m.text.pooling = "eos"
-    m.text.dropout_rate = 0.0
-    m.text.update(text)
-    m.audio = ml_collections.ConfigDict()
     m.audio.sample_rate = c.data.get_ref("sample_rate")
-    m.audio.fmin = 0.0
-    m.audio.fmax = None
-    m.audio.mel_offset = -3.0
-    m.audio.mel_scale = 2.0
-    m.audio.stem_strides = (2, 2)
-    m.audio.dropout_rate = 0.0
-    m.audio.update(audio)
     return m
 
 
@@ -50,11 +32,7 @@ def get_config(arg=None):
     c.seed = 0
     c.data = common.data(crop_seconds=2.0)
     c.tokenizer = common.tokenizer()
-    c.model = model(
-        c, embed_dim=128,
-        text=dict(width=128, num_layers=2, num_heads=4, mlp_ratio=4.0),
-        audio=dict(max_seconds=4.0, n_fft=512, hop_length=256, n_mels=64, width=128,
-                   num_layers=3, num_heads=4, mlp_ratio=4.0))
+    c.model = model(c, "clap_tiny")
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 500

@@ -11,8 +11,6 @@ checkpoints (76,651,890 for 44 kHz; 74,708,706 for 24 kHz; 74,175,906 for 16 kHz
 trained without quantizer losses: continuous latents for the diffusion U-Net (stable-audio style).
 """
 
-import dataclasses
-
 import ml_collections
 
 from experiments import codec_tiny, common
@@ -21,15 +19,11 @@ PRESET_NAMES = ("dac_44khz", "dac_44khz_16kbps", "dac_24khz", "dac_16khz", "vae"
 
 
 def model_section(preset: str) -> ml_collections.ConfigDict:
-    from ldm_jax.codec.model import PRESETS, CodecConfig
+    from ldm_jax.codec.model import PRESETS
     if preset == "vae":
-        base = dataclasses.replace(PRESETS["dac_44khz"], quantizer="kl", latent_dim=64,
-                                   quantizer_dropout=0.0)
-    else:
-        base = PRESETS[preset]
-    values = CodecConfig.to_dict(base)
-    return ml_collections.ConfigDict({k: tuple(v) if isinstance(v, list) else v
-                                      for k, v in values.items()})
+        return PRESETS["dac_44khz"].replace(quantizer="kl", latent_dim=64,
+                                            quantizer_dropout=0.0).to_config_dict()
+    return PRESETS[preset].to_config_dict()
 
 
 def get_config(arg=None):

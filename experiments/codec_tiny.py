@@ -8,17 +8,16 @@ Variants: `codec_tiny:vae` swaps the RVQ for a KL bottleneck (continuous latents
 import ml_collections
 
 from experiments import common
+from ldm_jax.codec.model import CodecConfig
 
 
 def get_config(arg=None):
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.data = common.data(clip_seconds=2.0, num_train=512, num_test=64, crop_seconds=0.25)
-    c.model = ml_collections.ConfigDict(dict(
-        sample_rate=16000, channels=1, encoder_dim=8, encoder_rates=(2, 4, 5),
-        latent_dim=32, decoder_dim=64, decoder_rates=(5, 4, 2), n_codebooks=4,
-        codebook_size=256, codebook_dim=8, quantizer="dac_rvq", quantizer_dropout=0.5,
-        causal=False, dtype="float32"))
+    c.model = CodecConfig.config(
+        sample_rate=16000, encoder_dim=8, encoder_rates=(2, 4, 5), latent_dim=32, decoder_dim=64,
+        decoder_rates=(5, 4, 2), n_codebooks=4, codebook_size=256, quantizer_dropout=0.5)
     c.model.sample_rate = c.data.get_ref("sample_rate")
     c.discriminator = ml_collections.ConfigDict(dict(
         periods=(2, 3, 5), fft_sizes=(512, 256), rates=(), channels=4, max_channels=32))

@@ -12,6 +12,8 @@ embedding (`pooled_dim`) condition it; `latent_channels` must equal the codec's 
 import ml_collections
 
 from experiments import common
+from ldm_jax.diffusion.config import DiffusionConfig, TrainConfig
+from ldm_jax.diffusion.unet import PRESETS
 
 
 def get_config(arg=None):
@@ -20,19 +22,10 @@ def get_config(arg=None):
     c.seed = 0
     c.data = common.data(clip_seconds=10.0, crop_seconds=10.0)
     c.tokenizer = common.tokenizer(vocab_size=8192, max_length=64)
-    c.model = ml_collections.ConfigDict(dict(
-        latent_channels=64, patch_size=1, base_channels=192, channel_mult=(1, 2, 3, 4),
-        num_res_blocks=2,
-        attention_levels=(1, 2, 3), num_heads=8, head_dim=64, transformer_depth=1, mlp_ratio=4,
-        norm_groups=32, context_dim=768, pooled_dim=512, dropout=0.0, remat=True,
-        remat_policy="dots_with_no_batch_dims_saveable", dtype="bfloat16"))
-    c.diffusion = ml_collections.ConfigDict(dict(
-        schedule="scaled_linear", num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-        objective="v", min_snr_gamma=5.0, snr_shift=1.0, cond_drop=0.1, normalize="global"))
-    c.train = ml_collections.ConfigDict(dict(
-        steps=200_000, batch_size=256, lr=1e-4, warmup=5000, lr_schedule="constant",
-        weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-8, grad_clip=1.0, ema_decay=0.9999,
-        condition_on_audio=False))
+    c.model = PRESETS["ldm_base"].to_config_dict()
+    c.diffusion = DiffusionConfig.config()
+    c.train = TrainConfig.config(steps=200_000, batch_size=256, warmup=5000, weight_decay=0.01,
+                                 ema_decay=0.9999)
     c.generation = ml_collections.ConfigDict(dict(
         prompts=("An upbeat electronic track with a driving bassline.",
                  "A calm solo piano piece in A minor.",

@@ -9,6 +9,8 @@ parameters. `model.latent_channels` matches `codec_tiny:vae` (latent_dim 16) and
 import ml_collections
 
 from experiments import common
+from ldm_jax.diffusion.config import DiffusionConfig, TrainConfig
+from ldm_jax.diffusion.unet import PRESETS
 
 # Samples written after training (the first two are also drawn for TensorBoard during it).
 PROMPTS = ("A slow organ melody in C major, played softly.",
@@ -26,18 +28,10 @@ def get_config(arg=None):
     # Latent crops as long as the clips: the model sees whole 2-second clips.
     c.data = common.data(clip_seconds=2.0, num_train=512, num_test=64, crop_seconds=2.0)
     c.tokenizer = common.tokenizer()
-    c.model = ml_collections.ConfigDict(dict(
-        latent_channels=16, patch_size=1, base_channels=64, channel_mult=(1, 2), num_res_blocks=1,
-        attention_levels=(1,), num_heads=4, head_dim=0, transformer_depth=1, mlp_ratio=4,
-        norm_groups=32, context_dim=128, pooled_dim=128, context_pooling="none", dropout=0.0,
-        remat=False, remat_policy="nothing_saveable", dtype="float32"))
-    c.diffusion = ml_collections.ConfigDict(dict(
-        schedule="scaled_linear", num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-        objective="v", min_snr_gamma=5.0, snr_shift=1.0, cond_drop=0.1, normalize="global"))
-    c.train = ml_collections.ConfigDict(dict(
-        steps=2000, batch_size=16, lr=2e-4, warmup=100, lr_schedule="constant",
-        weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-8, grad_clip=1.0, ema_decay=0.999,
-        condition_on_audio=False, text_layer=-1))
+    # The U-Net, diffusion and training defaults (`ldm_jax.diffusion`'s config dataclasses).
+    c.model = PRESETS["ldm_tiny"].to_config_dict()
+    c.diffusion = DiffusionConfig.config()
+    c.train = TrainConfig.config(lr=2e-4, warmup=100, weight_decay=0.01)
     c.generation = ml_collections.ConfigDict(dict(
         prompts=PROMPTS, seconds=2.0, steps=50, sampler="dpmpp_2m", cfg_scale=3.0, seed=0,
         negative_prompt="", media_steps=25, batch_size=8))

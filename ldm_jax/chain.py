@@ -76,6 +76,34 @@ def fingerprint(cfg, stage: Stage) -> dict:
     return json.loads(json.dumps({s: _section(cfg, s) for s in stage.sections}, default=list))
 
 
+def _section_types() -> dict:
+    """Config paths whose section is a model package's config dataclass."""
+    from ldm_jax.clap.model import ClapConfig
+    from ldm_jax.codec.model import CodecConfig
+    from ldm_jax.diffusion.config import DiffusionConfig, TrainConfig
+    from ldm_jax.diffusion.unet import UNetConfig
+
+    return {("codec", "model"): CodecConfig, ("clap", "model"): ClapConfig,
+            ("ldm", "model"): UNetConfig, ("ldm", "diffusion"): DiffusionConfig,
+            ("ldm", "train"): TrainConfig}
+
+
+def _with_defaults(recorded: dict) -> dict:
+    """A stage's recorded config with every dataclass section completed by its defaults, so
+    that a field added to a model's config with a default does not make old stages stale."""
+    out = json.loads(json.dumps(recorded))
+    for path, cls in _section_types().items():
+        parent = out
+        for part in path[:-1]:
+            parent = parent.get(part) if isinstance(parent, dict) else None
+        if isinstance(parent, dict) and isinstance(parent.get(path[-1]), dict):
+            try:
+                parent[path[-1]] = cls.from_dict(parent[path[-1]]).to_dict()
+            except (ValueError, TypeError):
+                pass  # not a valid section: compared as written
+    return out
+
+
 def _record_path(workdir: str, name: str) -> str:
     return os.path.join(workdir, "stages", f"{name}.json")
 
@@ -98,7 +126,8 @@ def stale_stages(stages: list[Stage], cfg, workdir: str) -> dict[str, list[str]]
         if not paths.exists(path):
             continue
         recorded = json.loads(paths.read_text(path)).get("config", {})
-        diffs = config_differences(recorded, fingerprint(cfg, stage))
+        diffs = config_differences(_with_defaults(recorded),
+                                   _with_defaults(fingerprint(cfg, stage)))
         if diffs:
             stale[stage.name] = diffs
     return stale
@@ -293,8 +322,8 @@ def _latents_done(cfg, workdir):
 
 
 def _latents_run(cfg, workdir):
-    from ldm_jax.data import latents
-    summary = latents.encode_latents(workdir, cfg.data, data_dir(cfg, workdir),
+    from ldm_jax.codec import latents as codec_latents
+    summary = codec_latents.encode_latents(workdir, cfg.data, data_dir(cfg, workdir),
                                      os.path.join(workdir, "latents"))
     keys = ("splits", "latent", "latent_dim", "frame_rate", "scale_factor")
     return {k: summary[k] for k in keys if k in summary}
@@ -329,7 +358,7 @@ def _generation_eval_done(cfg, workdir):
 
 
 def _generation_eval_run(cfg, workdir):
-    from ldm_jax.eval import generation
+    from ldm_jax.diffusion import evaluate as generation
     e = cfg.ldm.eval
     out = os.path.join(workdir, "samples", "eval.json")
     result = generation.evaluate_generation(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 import grain
 import jax
@@ -195,3 +196,30 @@ def read_state(directory: str, step: int | None = None) -> tuple[dict, int]:
         return ck.read(step), step
     finally:
         ck.close()
+
+
+def evaluation_params(state: dict, use_ema: bool = True):
+    """The parameters a trained state is evaluated, sampled and exported with: its exponential
+    moving average where it keeps one (and `use_ema`), else its parameters."""
+    ema = state.get("ema_params")
+    return ema if use_ema and ema else state["params"]
+
+
+def read_params(stage_dir: str, *, use_ema: bool = True, step: int | None = None
+                ) -> tuple[dict, int, dict]:
+    """A trained stage's parameters, read on this host alone from STAGE_DIR/checkpoints.
+
+    Returns:
+      (parameters as jax arrays: the EMA where the state keeps one and `use_ema`, the step,
+      the whole saved state as numpy arrays).
+
+    Raises:
+      CheckpointError: STAGE_DIR holds no complete checkpoint.
+    """
+    try:
+        state, step = read_state(os.path.join(stage_dir, "checkpoints"), step)
+    except CheckpointError:
+        raise CheckpointError(f"no checkpoint in {stage_dir}/checkpoints; train the stage "
+                              "first") from None
+    params = jax.tree_util.tree_map(jax.numpy.asarray, evaluation_params(state, use_ema))
+    return params, step, state

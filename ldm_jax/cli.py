@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 
@@ -23,6 +24,36 @@ from ldm_jax import paths
 
 EPILOG = ("Config: --config FILE[:ARG] selects an experiment (a path or an embedded name such as "
           "`tiny`); --config.SECTION.KEY=VALUE overrides one field.")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `ldm-jax generate: error: argument --seconds: ...`."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _checked(kind, ok, what: str):
+    """An argparse `type` that parses KIND and refuses values failing OK, naming WHAT it wants
+    (argparse adds the option's name)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return value
+    parse.__name__ = what  # what argparse calls the type in its own messages
+    return parse
+
+
+POSITIVE_INT = _checked(int, lambda v: v >= 1, "a positive integer")
+COUNT = _checked(int, lambda v: v >= 0, "an integer >= 0")
+POSITIVE = _checked(float, lambda v: math.isfinite(v) and v > 0, "a positive number")
+NON_NEGATIVE = _checked(float, lambda v: math.isfinite(v) and v >= 0, "a number >= 0")
+FINITE = _checked(float, math.isfinite, "a finite number")
+FRACTION = _checked(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 
 
 def _add_config(p: argparse.ArgumentParser, workdir: bool = True, data_dir: bool = False,
@@ -40,9 +71,9 @@ def _add_distributed(p: argparse.ArgumentParser):
     g = p.add_argument_group("multi-host (TPU pods and SLURM are detected automatically)")
     g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
                    help="coordinator address of process 0 (env LDM_JAX_COORDINATOR)")
-    g.add_argument("--num-processes", type=int, default=None,
+    g.add_argument("--num-processes", type=POSITIVE_INT, default=None,
                    help="number of processes (env LDM_JAX_NUM_PROCESSES)")
-    g.add_argument("--process-id", type=int, default=None,
+    g.add_argument("--process-id", type=COUNT, default=None,
                    help="this process's index (env LDM_JAX_PROCESS_ID)")
 
 
@@ -289,12 +320,12 @@ def cmd_clap_retrieve(args, cfg):
 # ---------------------------------------------------------------------------- latent diffusion
 
 def cmd_latents_encode(args, cfg):
-    from ldm_jax.data import latents
+    from ldm_jax.codec import latents as codec_latents
     stage = stage_config(cfg, "codec") if "codec" in cfg else cfg
     out = args.out or (os.path.join(args.workdir, "latents") if args.workdir else "")
     if not out:
         raise config_lib.ConfigError("say where to write the latents: --out DIR or --workdir W")
-    summary = latents.encode_latents(args.codec or _require_workdir(args), stage.data,
+    summary = codec_latents.encode_latents(args.codec or _require_workdir(args), stage.data,
                                      _data_dir(args, stage), paths.resolve(out),
                                      overwrite=args.overwrite)
     if _is_leader():
@@ -347,7 +378,7 @@ def cmd_generate(args, cfg):
 
 
 def cmd_eval_generation(args, cfg):
-    from ldm_jax.eval import generation
+    from ldm_jax.diffusion import evaluate as generation
     workdir = _require_workdir(args)
     stage = stage_config(cfg, "ldm")
     e = stage.eval
@@ -447,7 +478,7 @@ def cmd_bench(args, cfg):
 # -------------------------------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="ldm-jax", description="Latent diffusion for music and audio in JAX.", epilog=EPILOG)
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -467,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
                             epilog=EPILOG)
     p.add_argument("name", choices=("synthetic_music", "audio_folder"))
     p.add_argument("--split", default="train", choices=("train", "test"))
-    p.add_argument("-n", "--num", type=int, default=4, help="how many examples")
+    p.add_argument("-n", "--num", type=POSITIVE_INT, default=4, help="how many examples")
     p.add_argument("--png", default=None, help="where to write the spectrograms")
     _add_config(p, data_dir=True)
     _add_distributed(p)
@@ -539,18 +570,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", nargs="*", help="text prompt(s)")
     p.add_argument("--prompts-file", default=None, help="one prompt per line")
     p.add_argument("-o", "--output", default="out.wav")
-    p.add_argument("--seconds", type=float, default=None)
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--seconds", type=POSITIVE, default=None,
+                   help="clip length (default: the length the U-Net was trained on, or that of "
+                        "--init-audio / --inpaint-audio)")
+    p.add_argument("--steps", type=POSITIVE_INT, default=50)
     p.add_argument("--sampler", default="dpmpp_2m",
                    choices=("ddpm", "ddim", "dpmpp_2m", "dpmpp", "euler"))
-    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale")
+    p.add_argument("--cfg", type=FINITE, default=3.0, help="classifier-free guidance scale")
     p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=COUNT, default=0)
     p.add_argument("--init-audio", default=None, help="audio-to-audio: the clip to vary")
-    p.add_argument("--strength", type=float, default=0.6)
+    p.add_argument("--strength", type=FRACTION, default=0.6)
     p.add_argument("--inpaint-audio", default=None, help="the clip to inpaint")
-    p.add_argument("--inpaint-start", type=float, default=None, help="seconds")
-    p.add_argument("--inpaint-end", type=float, default=None, help="seconds")
+    p.add_argument("--inpaint-start", type=NON_NEGATIVE, default=None, help="seconds")
+    p.add_argument("--inpaint-end", type=POSITIVE, default=None, help="seconds")
     _add_config(p, default="ldm_tiny")
     _add_distributed(p)
     p.set_defaults(func=cmd_generate)
@@ -561,8 +594,8 @@ def build_parser() -> argparse.ArgumentParser:
                           epilog=EPILOG)
     p.add_argument("--json", default=None)
     p.add_argument("--data", default=None, help="latents or data dir (default: W/latents)")
-    p.add_argument("--num-prompts", type=int, default=None)
-    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--num-prompts", type=POSITIVE_INT, default=None)
+    p.add_argument("--steps", type=POSITIVE_INT, default=None)
     p.add_argument("--no-untrained", action="store_true",
                    help="skip the baseline scores of the U-Net at initialisation")
     _add_config(p, default="ldm_tiny")
@@ -581,7 +614,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = clap_sub.add_parser("retrieve", help="rank clips by similarity to a text query",
                             epilog=EPILOG)
     p.add_argument("--query", required=True)
-    p.add_argument("--top", type=int, default=5)
+    p.add_argument("--top", type=POSITIVE_INT, default=5)
     p.add_argument("--split", default="test", choices=("train", "test"))
     _add_config(p, data_dir=True, default="clap_tiny")
     _add_distributed(p)
@@ -596,7 +629,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("input")
         p.add_argument("-o", "--output", required=True)
         p.add_argument("--codec", default=None, help="a codec directory (instead of --workdir)")
-        p.add_argument("--n-codebooks", type=int, default=None,
+        p.add_argument("--n-codebooks", type=POSITIVE_INT, default=None,
                        help="use only the first K codebooks (lower bitrate)")
         _add_config(p, default="codec_tiny")
         _add_distributed(p)
@@ -606,8 +639,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--codec", default=None, help="a codec directory (instead of --workdir)")
     p.add_argument("--json", default=None, help="write the metrics here")
     p.add_argument("--split", default="test", choices=("train", "test"))
-    p.add_argument("--n-codebooks", type=int, default=None)
-    p.add_argument("--max-clips", type=int, default=0, help="evaluate at most N clips (0: all)")
+    p.add_argument("--n-codebooks", type=POSITIVE_INT, default=None)
+    p.add_argument("--max-clips", type=COUNT, default=0, help="evaluate at most N clips (0: all)")
     _add_config(p, data_dir=True, default="codec_tiny")
     _add_distributed(p)
     p.set_defaults(func=cmd_codec_eval)
@@ -628,27 +661,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default=None, metavar="FILE[:ARG]",
                    help="experiment (default on CPU: tiny, codec_tiny, clap_tiny, ldm_tiny; on "
                         "accelerators: tiny, codec:dac_44khz, clap_base, ldm_base)")
-    p.add_argument("--batch", type=int, default=None, help="default: the preset's batch size")
-    p.add_argument("--repeats", type=int, default=None,
+    p.add_argument("--batch", type=POSITIVE_INT, default=None,
+                   help="default: the preset's batch size")
+    p.add_argument("--repeats", type=POSITIVE_INT, default=None,
                    help="timed calls (default 5 on CPU, 20 on accelerators; data: 40 batches; "
                         "sample: 3 / 10)")
     p.add_argument("--json", default=None, help="write the results here")
-    p.add_argument("--peak-tflops", type=float, default=None,
+    p.add_argument("--peak-tflops", type=POSITIVE, default=None,
                    help="device peak for MFU (default: the table of benchmarks/hardware.py; "
                         "none on CPU)")
-    p.add_argument("--seconds", type=float, default=None,
+    p.add_argument("--seconds", type=POSITIVE, default=None,
                    help="audio length for codec encode/decode and sampling (default 10; bench "
                         "all samples 2 s)")
-    p.add_argument("--max-batch", type=int, default=None,
+    p.add_argument("--max-batch", type=POSITIVE_INT, default=None,
                    help="sample: double the batch from 1 up to this or an out-of-memory error "
                         "(default 4 on CPU, 64 on accelerators)")
-    p.add_argument("--steps", type=int, default=50, help="sample: sampler steps (default 50)")
+    p.add_argument("--steps", type=POSITIVE_INT, default=50,
+                   help="sample: sampler steps (default 50)")
     p.add_argument("--sampler", default="dpmpp_2m", choices=("dpmpp_2m", "ddim", "euler", "ddpm"))
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
                    help="override the model's compute dtype")
     p.add_argument("--remat", default=None, choices=("on", "off"),
                    help="override rematerialisation (CLAP, U-Net)")
-    p.add_argument("--frame-rate", type=float, default=None,
+    p.add_argument("--frame-rate", type=POSITIVE, default=None,
                    help="unet/sample: latent frames per second (default: the paired codec's: "
                         "ldm_tiny 400 (codec_tiny:vae), ldm_base 86.13 (codec:vae), a chain "
                         "experiment's own codec)")
@@ -661,7 +696,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peer", action="store_true",
                    help="unet, codec: also time the PyTorch peer (U-Net, DAC) on the same device "
                         "in this process and record ours/peer (needs torch)")
-    p.add_argument("--peer-threads", type=int, default=None, metavar="N",
+    p.add_argument("--peer-threads", type=POSITIVE_INT, default=None, metavar="N",
                    help="torch intra-op threads of a CPU peer (default: torch's own)")
     p.set_defaults(func=cmd_bench, loads_config=False)
     return parser

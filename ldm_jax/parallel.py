@@ -29,8 +29,8 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+from ldm_jax.axes import AXES, BATCH_AXES
+
 # Parameters smaller than this stay replicated: sharding them saves nothing and costs collectives.
 FSDP_MIN_SIZE = 2**12
 
@@ -166,6 +166,12 @@ def global_batch(mesh: Mesh, local_batch):
         x = np.asarray(x)
         return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x)
     return jax.tree_util.tree_map(one, local_batch)
+
+
+def bucket_rows(n: int, limit: int) -> int:
+    """Rows a host batch of n is padded to: the next power of two, at most `limit` unless n is
+    larger (so that few shapes compile)."""
+    return min(max(limit, n), 1 << max(n - 1, 0).bit_length())
 
 
 def per_host_batch(global_batch_size: int, mesh: Mesh | None = None) -> int:

@@ -51,3 +51,86 @@ def test_file_arg_variant(tmp_path):
                    "    return c\n")
     assert config_lib.get_config(f"{exp}:big").size == 2
     assert config_lib.get_config(str(exp)).size == 1
+
+
+# ------------------------------------------------------------------- model config dataclasses
+
+def test_sections_from_dict_name_unknown_and_mistyped_keys():
+    from ldm_jax.clap.model import ClapConfig, ClapError
+    from ldm_jax.codec.model import CodecConfig
+    from ldm_jax.diffusion.config import DiffusionConfig, TrainConfig
+    from ldm_jax.diffusion.schedules import DiffusionError
+    from ldm_jax.diffusion.unet import UNetConfig
+
+    with pytest.raises(DiffusionError, match=r"unknown U-Net config keys \['base_chanels'\].*"
+                                             r"base_channels"):
+        UNetConfig.from_dict({"base_chanels": 32})
+    with pytest.raises(DiffusionError, match=r"model.base_channels='wide' must be an integer"):
+        UNetConfig.from_dict({"base_channels": "wide"})
+    with pytest.raises(DiffusionError, match=r"model.num_heads=2.5 must be an integer"):
+        UNetConfig.from_dict({"num_heads": 2.5})
+    with pytest.raises(DiffusionError, match=r"model.remat=1 must be true or false"):
+        UNetConfig.from_dict({"remat": 1})
+    with pytest.raises(ClapError, match=r"unknown CLAP text config keys \['widht'\]; "
+                                        r"model.text takes"):
+        ClapConfig.from_dict({"text": {"widht": 64}})
+    with pytest.raises(ClapError, match=r"model.audio.stem_strides=2 must be a list"):
+        ClapConfig.from_dict({"audio": {"stem_strides": 2}})
+    with pytest.raises(config_lib.ConfigError, match=r"unknown codec config keys \['rates'\]"):
+        CodecConfig.from_dict({"rates": (2, 4)})
+    with pytest.raises(DiffusionError, match=r"diffusion.cond_drop='often' must be a number"):
+        DiffusionConfig.from_dict({"cond_drop": "often"})
+    with pytest.raises(DiffusionError, match=r"unknown LDM train config keys \['lr_shedule'\]"):
+        TrainConfig.from_dict({"lr_shedule": "cosine"})
+
+
+def test_sections_coerce_and_round_trip():
+    from ldm_jax.clap.model import PRESETS as CLAP_PRESETS
+    from ldm_jax.clap.model import ClapConfig
+    from ldm_jax.diffusion.unet import PRESETS, UNetConfig
+
+    c = UNetConfig.from_dict({"channel_mult": [1, 2, 4], "dropout": 0, "base_channels": 64.0})
+    assert c.channel_mult == (1, 2, 4) and c.dropout == 0.0 and isinstance(c.dropout, float)
+    assert c.base_channels == 64 and isinstance(c.base_channels, int)
+    assert UNetConfig.from_dict(c.to_dict()) == c
+    assert UNetConfig.from_dict(c.to_config_dict()) == c
+    assert c.to_config_dict().channel_mult == (1, 2, 4)  # a tuple: overrides parse as lists
+    base = CLAP_PRESETS["clap_base"]
+    assert ClapConfig.from_dict(base.to_dict()) == base and base.text.width == 768
+    assert ClapConfig.from_dict({"audio": {"fmax": 8000}}).audio.fmax == 8000.0
+    assert ClapConfig.from_dict({"audio": {"fmax": None}}).audio.fmax is None
+    assert PRESETS["ldm_base"].replace(dtype="float32").dtype == "float32"
+    with pytest.raises(ValueError):
+        PRESETS["ldm_base"].replace(channel_mult=())
+
+
+def test_experiment_sections_restate_no_defaults():
+    """The embedded experiments build their model sections from the dataclasses."""
+    from ldm_jax.clap.model import ClapConfig
+    from ldm_jax.codec.model import CodecConfig
+    from ldm_jax.diffusion.config import DiffusionConfig, TrainConfig
+    from ldm_jax.diffusion.unet import UNetConfig
+
+    cfg = config_lib.get_config("tiny")
+    assert set(cfg.codec.model) == {f for f in CodecConfig().to_dict()}
+    assert set(cfg.clap.model.audio) == set(ClapConfig().audio.to_dict())
+    assert set(cfg.ldm.model) == set(UNetConfig().to_dict())
+    assert set(cfg.ldm.diffusion) == set(DiffusionConfig().to_dict())
+    assert set(cfg.ldm.train) == set(TrainConfig().to_dict())
+    # A field of any section can be overridden on the command line, with its type.
+    cfg = config_lib.get_config("ldm_base", ["train.text_layer=-2", "model.context_pooling=none"])
+    assert cfg.train.text_layer == -2
+
+
+def test_a_field_added_with_its_default_does_not_make_a_stage_stale():
+    from ldm_jax import chain
+
+    cfg = config_lib.get_config("tiny")
+    stages = {s.name: s for s in chain.default_stages()}
+    current = chain.fingerprint(cfg, stages["codec"])
+    recorded = {**current, "codec": {**current["codec"],
+                                     "model": dict(current["codec"]["model"])}}
+    del recorded["codec"]["model"]["ema_epsilon"]  # written before the field existed
+    assert chain._with_defaults(recorded) == chain._with_defaults(current)
+    recorded["codec"]["model"]["ema_epsilon"] = 1e-3  # a real change still counts
+    assert chain._with_defaults(recorded) != chain._with_defaults(current)

@@ -33,6 +33,7 @@ from ldm_jax.audio import io as audio_io
 from ldm_jax.checkpoint import Checkpointer
 from ldm_jax.clap.text import Tokenizer
 from ldm_jax.codec import inference
+from ldm_jax.codec import latents as codec_latents
 from ldm_jax.codec.model import CodecConfig, make_codec
 from ldm_jax.codec.quantize import STATS
 from ldm_jax.data import DataError, builders, latents
@@ -428,15 +429,15 @@ def test_latents_of_two_hosts_joined_in_a_gs_workdir(gcs, tmp_path):
     codec = write_tiny_codec(tmp_path / "codec")
     out = f"{W}/latents"
     kwargs = dict(batch_size=2, progress=False, process_count=2)
-    assert not latents.encode_latents(codec, data_cfg(), data, out, process_index=1,
+    assert not codec_latents.encode_latents(codec, data_cfg(), data, out, process_index=1,
                                       **kwargs)["complete"]
-    summary = latents.encode_latents(codec, data_cfg(), data, out, process_index=0, **kwargs)
+    summary = codec_latents.encode_latents(codec, data_cfg(), data, out, process_index=0, **kwargs)
     assert summary["complete"] and latents.is_complete(out)
-    assert not paths.exists(f"{out}/{latents.PARTS_DIR}")
+    assert not paths.exists(f"{out}/{codec_latents.PARTS_DIR}")
     assert latents.read_metadata(out)["data_dir"] == data
     train = builders.open_split(out, "latents", "train")
     assert sorted(int(e["source_index"]) for e in train) == [0, 1, 2]
     assert train[0]["latents"].shape == (25, 8)
     assert latents.read_stats(out).num_frames == 75
-    again = latents.encode_latents(codec, data_cfg(), data, out, process_index=0, **kwargs)
+    again = codec_latents.encode_latents(codec, data_cfg(), data, out, process_index=0, **kwargs)
     assert again["already_built"]

@@ -7,7 +7,7 @@ normalisation), `librosa.filters.mel` (Slaney's Auditory Toolbox and HTK mel sca
 `[..., time]` audio is `[..., frames, bins]`. Every function works under `jit`, `vmap` and `grad`.
 
 Traced under a mesh (`jax.set_mesh`), the transforms run inside `jax.shard_map` over the batch
-axes (`parallel.BATCH_AXES`) whenever the leading axis divides over them: XLA's SPMD partitioner
+axes (`axes.BATCH_AXES`) whenever the leading axis divides over them: XLA's SPMD partitioner
 does not split an FFT over a sharded batch axis but all-gathers the whole batch onto every
 device, while each example's transform needs only that example. The results are the same.
 
@@ -31,7 +31,7 @@ from jax.sharding import PartitionSpec as P
 from ldm_jax.audio.framing import frame, overlap_add
 from ldm_jax.audio.loudness import loudness_lufs, loudness_normalize, peak_normalize, rms_db
 from ldm_jax.audio.resample import resample, resample_numpy
-from ldm_jax.parallel import BATCH_AXES
+from ldm_jax.axes import BATCH_AXES
 
 __all__ = [
     "amplitude_to_db", "istft", "log_mel", "loudness_lufs", "loudness_normalize",

@@ -12,10 +12,12 @@ Entry points: `make_model(cfg)`, the pure functions `embed_text`, `embed_audio`,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 from collections.abc import Sequence
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
@@ -24,16 +26,121 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from ldm_jax import paths
+from ldm_jax import checkpoint, parallel, paths
 from ldm_jax.clap.audio import AudioEncoder
 from ldm_jax.clap.text import ClapError, TextEncoder, Tokenizer
+from ldm_jax.config import Section
 
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.model"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+POOLINGS = ("eos", "mean")
 
-__all__ = ["Clap", "ClapError", "ClapModel", "contrastive_loss", "embed_audio", "embed_text",
-           "init_params", "make_embedders", "make_model", "similarity_logits", "text_states"]
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig(Section):
+    """The text tower (`model.text`). `vocab_size` and `max_length` follow the tokenizer."""
+
+    LABEL: ClassVar[str] = "CLAP text config"
+    ERROR: ClassVar[type[Exception]] = ClapError
+
+    vocab_size: int = 512
+    max_length: int = 32
+    width: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    pooling: str = "eos"  # or "mean"
+    dropout_rate: float = 0.0
+
+    def __post_init__(self):
+        if self.pooling not in POOLINGS:
+            raise ClapError(f"model.text.pooling={self.pooling!r}: use 'eos' or 'mean'")
+        if min(self.vocab_size, self.max_length, self.width, self.num_layers,
+               self.num_heads) < 1 or self.width % self.num_heads:
+            raise ClapError("model.text sizes must be positive and width a multiple of "
+                            "num_heads")
+
+
+@dataclasses.dataclass(frozen=True)
+class AudioConfig(Section):
+    """The audio tower and its log-mel front end (`model.audio`)."""
+
+    LABEL: ClassVar[str] = "CLAP audio config"
+    ERROR: ClassVar[type[Exception]] = ClapError
+
+    sample_rate: int = 16000
+    max_seconds: float = 4.0
+    n_fft: int = 512
+    hop_length: int = 256
+    n_mels: int = 64
+    fmin: float = 0.0
+    fmax: float | None = None
+    mel_offset: float = -3.0
+    mel_scale: float = 2.0
+    stem_strides: tuple[int, ...] = (2, 2)
+    width: int = 128
+    num_layers: int = 3
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    dropout_rate: float = 0.0
+
+    def __post_init__(self):
+        if min(self.sample_rate, self.n_fft, self.hop_length, self.n_mels, self.width,
+               self.num_layers, self.num_heads) < 1 or self.width % self.num_heads:
+            raise ClapError("model.audio sizes must be positive and width a multiple of "
+                            "num_heads")
+        if self.max_seconds <= 0:
+            raise ClapError(f"model.audio.max_seconds={self.max_seconds} must be positive")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClapConfig(Section):
+    """The `model` section of a CLAP experiment (defaults: the `clap_tiny` towers)."""
+
+    LABEL: ClassVar[str] = "CLAP config"
+    ERROR: ClassVar[type[Exception]] = ClapError
+
+    embed_dim: int = 128
+    dtype: str = "float32"  # compute dtype; parameters are float32
+    remat: bool = False
+    logit_scale_init: float = math.log(1 / 0.07)
+    logit_scale_max: float = math.log(100.0)
+    text: TextConfig = TextConfig()
+    audio: AudioConfig = AudioConfig()
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ClapError(f"model.dtype={self.dtype!r} is unknown; use one of "
+                            f"{', '.join(DTYPES)}")
+        if self.embed_dim < 1:
+            raise ClapError(f"model.embed_dim={self.embed_dim} must be positive")
+
+
+# The towers of the embedded experiments: `clap_tiny` (the defaults) and `clap_base`, the size of
+# the public LAION-CLAP towers (RoBERTa-base text, an HTSAT-base-sized audio transformer).
+PRESETS: dict[str, ClapConfig] = {
+    "clap_tiny": ClapConfig(),
+    "clap_base": ClapConfig(
+        embed_dim=512, dtype="bfloat16",
+        text=TextConfig(vocab_size=32000, max_length=77, width=768, num_layers=12,
+                        num_heads=12),
+        audio=AudioConfig(sample_rate=48000, max_seconds=10.0, n_fft=1024, hop_length=480,
+                          n_mels=64, fmin=50.0, fmax=14000.0, width=768, num_layers=12,
+                          num_heads=12)),
+}
+
+
+def config_of(cfg) -> ClapConfig:
+    """The `ClapConfig` of an experiment config, its `model` section, or a `ClapConfig`."""
+    if isinstance(cfg, ClapConfig):
+        return cfg
+    return ClapConfig.from_dict(cfg["model"] if "model" in cfg else cfg)
+
+__all__ = ["PRESETS", "AudioConfig", "Clap", "ClapConfig", "ClapError", "ClapModel", "TextConfig",
+           "clap_dir", "contrastive_loss", "embed_audio", "embed_text", "init_params",
+           "init_variables", "load", "make_embedders", "make_model", "similarity_logits",
+           "text_states"]
 
 
 class Clap(nn.Module):
@@ -114,71 +221,58 @@ def contrastive_loss(logits: jax.Array) -> tuple[jax.Array, dict]:
     return 0.5 * (a2t + t2a), metrics
 
 
-def _model_cfg(cfg):
-    """The `model` section of an experiment config (or the section itself)."""
-    return cfg["model"] if "model" in cfg else cfg
-
-
-def dtype_of(cfg) -> jnp.dtype:
-    name = str(_model_cfg(cfg).get("dtype", "float32"))
-    if name not in DTYPES:
-        raise ClapError(f"model.dtype={name!r} is unknown; use one of {', '.join(DTYPES)}")
-    return DTYPES[name]
-
-
 def make_model(cfg) -> Clap:
-    """Builds the Clap module from an experiment config (or its `model` section).
+    """Builds the Clap module.
 
     Args:
-      cfg: ConfigDict or dict with `embed_dim`, `dtype`, `remat`, `logit_scale_init`,
-        `logit_scale_max`, and `text` / `audio` sections (see experiments/clap_tiny.py).
+      cfg: a `ClapConfig`, or an experiment config / its `model` section (ConfigDict or dict of
+        `ClapConfig`'s fields; missing fields take their defaults).
 
     Returns:
       An unbound Clap module.
     """
-    m = _model_cfg(cfg)
-    dtype = dtype_of(m)
-    t, a = m["text"], m["audio"]
-    remat = bool(m.get("remat", False))
+    m = config_of(cfg)
+    dtype = DTYPES[m.dtype]
+    t, a = m.text, m.audio
     text = TextEncoder(
-        vocab_size=int(t["vocab_size"]), max_length=int(t["max_length"]), width=int(t["width"]),
-        num_layers=int(t["num_layers"]), num_heads=int(t["num_heads"]),
-        mlp_ratio=float(t["mlp_ratio"]), embed_dim=int(m["embed_dim"]),
-        pooling=str(t.get("pooling", "eos")), dropout_rate=float(t.get("dropout_rate", 0.0)),
-        remat=remat, dtype=dtype)
-    fmax = a.get("fmax", None)
+        vocab_size=t.vocab_size, max_length=t.max_length, width=t.width,
+        num_layers=t.num_layers, num_heads=t.num_heads, mlp_ratio=t.mlp_ratio,
+        embed_dim=m.embed_dim, pooling=t.pooling, dropout_rate=t.dropout_rate, remat=m.remat,
+        dtype=dtype)
     audio = AudioEncoder(
-        sample_rate=int(a["sample_rate"]), max_seconds=float(a["max_seconds"]),
-        n_fft=int(a["n_fft"]), hop_length=int(a["hop_length"]), n_mels=int(a["n_mels"]),
-        fmin=float(a.get("fmin", 0.0)), fmax=None if fmax is None else float(fmax),
-        mel_offset=float(a.get("mel_offset", -3.0)), mel_scale=float(a.get("mel_scale", 2.0)),
-        stem_strides=tuple(int(s) for s in a["stem_strides"]), width=int(a["width"]),
-        num_layers=int(a["num_layers"]), num_heads=int(a["num_heads"]),
-        mlp_ratio=float(a["mlp_ratio"]), embed_dim=int(m["embed_dim"]),
-        dropout_rate=float(a.get("dropout_rate", 0.0)), remat=remat, dtype=dtype)
-    return Clap(text=text, audio=audio,
-                logit_scale_init=float(m.get("logit_scale_init", math.log(1 / 0.07))),
-                logit_scale_max=float(m.get("logit_scale_max", math.log(100.0))))
+        sample_rate=a.sample_rate, max_seconds=a.max_seconds, n_fft=a.n_fft,
+        hop_length=a.hop_length, n_mels=a.n_mels, fmin=a.fmin, fmax=a.fmax,
+        mel_offset=a.mel_offset, mel_scale=a.mel_scale, stem_strides=a.stem_strides,
+        width=a.width, num_layers=a.num_layers, num_heads=a.num_heads, mlp_ratio=a.mlp_ratio,
+        embed_dim=m.embed_dim, dropout_rate=a.dropout_rate, remat=m.remat, dtype=dtype)
+    return Clap(text=text, audio=audio, logit_scale_init=m.logit_scale_init,
+                logit_scale_max=m.logit_scale_max)
+
+
+def init_variables(model: Clap, rng: jax.Array, text_length: int | None = None,
+                   audio_samples: int | None = None) -> dict:
+    """Fresh variables `{"params": {"text": ..., "audio": ..., "logit_scale": ...}}`.
+
+    Shapes depend only on the model; the dummy inputs default to the longest caption and at most
+    one second of audio.
+    """
+    a = model.audio
+    length = text_length or model.text.max_length
+    longest = max(int(a.max_seconds * a.sample_rate), a.n_fft)
+    samples = audio_samples or min(a.sample_rate, longest)
+    tokens = jnp.zeros((1, length), jnp.int32)
+    wave = jnp.zeros((1, samples), jnp.float32)
+    return model.init(rng, tokens, tokens > 0, wave, None)
 
 
 def init_params(cfg, rng: jax.Array, text_length: int | None = None,
                 audio_samples: int | None = None) -> dict:
-    """Fresh parameters `{"text": ..., "audio": ..., "logit_scale": ...}` (shapes only depend on
-    the config; the dummy inputs default to the longest caption and at most one second of
-    audio)."""
-    m = _model_cfg(cfg)
-    model = make_model(m)
-    a = m["audio"]
-    length = text_length or int(m["text"]["max_length"])
-    longest = max(int(float(a["max_seconds"]) * int(a["sample_rate"])), int(a["n_fft"]))
-    samples = audio_samples or min(int(a["sample_rate"]), longest)
-    tokens = jnp.zeros((1, length), jnp.int32)
-    wave = jnp.zeros((1, samples), jnp.float32)
-    return model.init(rng, tokens, tokens > 0, wave, None)["params"]
+    """`init_variables(make_model(cfg), ...)["params"]`."""
+    return init_variables(make_model(cfg), rng, text_length, audio_samples)["params"]
 
 
 def _check_tokens(tokens, cfg):
-    limit = int(_model_cfg(cfg)["text"]["max_length"])
+    limit = config_of(cfg).text.max_length
     if tokens.shape[-1] > limit:
         raise ClapError(f"captions of {tokens.shape[-1]} tokens exceed model.text.max_length="
                         f"{limit}; encode them with max_length={limit}")
@@ -231,7 +325,7 @@ def text_layer_index(cfg, layer: int) -> int:
     `num_layers` (or -1) the tower's final states; negative values count from the end, as
     "clip skip" does (-2 is the penultimate block).
     """
-    n = int(_model_cfg(cfg)["text"]["num_layers"])
+    n = config_of(cfg).text.num_layers
     index = layer + n + 1 if layer < 0 else layer
     if not 0 <= index <= n:
         raise ClapError(f"text layer {layer} is outside the text tower's {n} blocks; use "
@@ -248,7 +342,7 @@ def make_text_embedder(cfg, layer: int = -1):
     every layer reaches a consumer at the same scale; padding stays zero.
     """
     model = make_model(cfg)
-    n = int(_model_cfg(cfg)["text"]["num_layers"])
+    n = config_of(cfg).text.num_layers
     index = text_layer_index(cfg, layer)
     target = "positions" if index == 0 else f"block_{index - 1}"
 
@@ -323,8 +417,6 @@ class ClapModel:
         Raises:
           ClapError: the directory holds no trained CLAP model.
         """
-        from ldm_jax import checkpoint
-
         path = os.path.join(workdir, CONFIG_FILE)
         if not paths.isfile(path):
             raise ClapError(f"no CLAP model in {workdir} (missing {CONFIG_FILE}); run "
@@ -332,33 +424,39 @@ class ClapModel:
         cfg = ml_collections.ConfigDict(json.loads(paths.read_text(path)))
         tokenizer = Tokenizer.load(os.path.join(workdir, TOKENIZER_FILE))
         try:
-            state, step = checkpoint.read_state(os.path.join(workdir, "checkpoints"), step)
+            params, step, _ = checkpoint.read_params(workdir, step=step)
         except checkpoint.CheckpointError:
             raise ClapError(f"no checkpoint in {workdir}/checkpoints; train the model "
                             "first") from None
-        params = jax.tree_util.tree_map(jnp.asarray, state["params"])
         return cls(cfg, params, tokenizer, batch_size=batch_size, step=step)
 
-    def _encode_text(self, texts: Sequence[str]):
+    def encode_text(self, texts: str | Sequence[str], layer: int = -1):
+        """Captions -> (token states float32 [B, L, D] of text `layer`, mask bool [B, L],
+        unit-norm embeddings float32 [B, E]).
+
+        The one batching path for captions: chunks of `batch_size`, each padded to a
+        power-of-two number of rows (`parallel.bucket_rows`) so that few shapes compile.
+        """
         texts = [texts] if isinstance(texts, str) else list(texts)
         tokens, mask = self.tokenizer.encode(texts, self.max_length)
+        text_fn = self.text_embedder(layer)
         states, embs = [], []
         for s, e in _batches(len(texts), self.batch_size):
-            pad = self.batch_size - (e - s)
+            pad = parallel.bucket_rows(e - s, self.batch_size) - (e - s)
             t = np.pad(tokens[s:e], [(0, pad), (0, 0)])
             m = np.pad(mask[s:e], [(0, pad), (0, 0)])
-            st, em = self._text(self.params, t, m)
-            states.append(np.asarray(st[: e - s], np.float32))
-            embs.append(np.asarray(em[: e - s]))
+            st, em = text_fn(self.params, t, m)
+            states.append(np.asarray(st, np.float32)[: e - s])
+            embs.append(np.asarray(em, np.float32)[: e - s])
         return np.concatenate(states), mask, np.concatenate(embs)
 
     def embed_text(self, texts: Sequence[str]) -> np.ndarray:
         """Captions -> float32 [B, E] unit-norm embeddings."""
-        return self._encode_text(texts)[2]
+        return self.encode_text(texts)[2]
 
     def text_states(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Captions -> (token states float32 [B, L, D], mask bool [B, L]) for conditioning."""
-        states, mask, _ = self._encode_text(texts)
+        states, mask, _ = self.encode_text(texts)
         return states, mask
 
     def embed_audio(self, audio, mask: np.ndarray | None = None,
@@ -404,3 +502,34 @@ class ClapModel:
                 valid[i, :len(c)] = True
             out.append(np.asarray(self._audio(self.params, wave, valid))[: e - s])
         return np.concatenate(out)
+
+
+def clap_dir(path: str) -> str:
+    """PATH itself when it is a trained CLAP directory, else PATH/clap (a workdir W)."""
+    for candidate in (path, os.path.join(path, "clap")):
+        if paths.isfile(os.path.join(candidate, CONFIG_FILE)) and \
+                paths.isdir(os.path.join(candidate, "checkpoints")):
+            return candidate
+    raise ClapError(f"no trained CLAP model in {path}; run `ldm-jax train clap --workdir W` "
+                    f"first, or give one of the presets {', '.join(sorted(PRESETS))}")
+
+
+def load(source: str, *, rng: jax.Array | None = None) -> tuple[Clap, dict]:
+    """The CLAP module and its variables, from a trained directory or a preset.
+
+    Args:
+      source: a trained CLAP directory (W/clap) or a workdir W holding one, or a name in
+        `PRESETS` (freshly initialised).
+      rng: PRNG key for a preset's initialisation (default `PRNGKey(0)`).
+
+    Returns:
+      `(clap, {"params": ...})`. For captions and clips with the run's tokenizer use
+      `ClapModel.load(clap_dir(source))`.
+    """
+    if source in PRESETS:
+        model = make_model(PRESETS[source])
+        return model, init_variables(model, jax.random.PRNGKey(0) if rng is None else rng)
+    directory = clap_dir(source)
+    cfg = json.loads(paths.read_text(os.path.join(directory, CONFIG_FILE)))
+    params, _, _ = checkpoint.read_params(directory)
+    return make_model(cfg), {"params": params}

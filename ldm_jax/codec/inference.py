@@ -15,10 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from ldm_jax import parallel, paths
-from ldm_jax.checkpoint import MODEL_CONFIG, Checkpointer, CheckpointError, read_state
+from ldm_jax.checkpoint import MODEL_CONFIG, Checkpointer, CheckpointError, read_params
 from ldm_jax.codec import losses, quantize
-from ldm_jax.codec.model import Codec, CodecConfig, make_codec
+from ldm_jax.codec.convert import import_dac
+from ldm_jax.codec.model import PRESETS, Codec, CodecConfig, init_variables, make_codec
 from ldm_jax.codec.quantize import STATS, CodecError
+from ldm_jax.config import ConfigError
 
 
 def codec_dir(path: str) -> str:
@@ -79,12 +81,43 @@ def load_trained(path: str, *, use_ema: bool = True) -> LoadedCodec:
     directory = codec_dir(path)
     config = CodecConfig.from_dict(json.loads(
         paths.read_text(os.path.join(directory, "checkpoints", MODEL_CONFIG))))
-    raw, _ = read_state(os.path.join(directory, "checkpoints"))
-    params = raw.get("ema_params") if use_ema and raw.get("ema_params") else raw["params"]
+    params, _, raw = read_params(directory, use_ema=use_ema)
     variables = {"params": params}
     if raw.get("stats"):
         variables[STATS] = raw["stats"]
     return LoadedCodec(make_codec(config), variables)
+
+
+def load(source: str, *, rng: jax.Array | None = None, use_ema: bool = True
+         ) -> tuple[Codec, dict]:
+    """The codec and its variables, from wherever its weights are.
+
+    Args:
+      source: a trained codec directory (`ldm-jax train codec`, `codec import-dac`) or a workdir
+        W holding W/codec; a released DAC `.pth` file (imported without torch); or a name in
+        `PRESETS` (freshly initialised).
+      rng: PRNG key for a preset's initialisation (default `PRNGKey(0)`).
+      use_ema: a trained codec's EMA parameters where it has them.
+
+    Returns:
+      `(codec, variables)`: the Linen module and `{"params": ..., "codebook_stats": ...}`.
+
+    Raises:
+      ConfigError: SOURCE is none of these (the message lists the presets).
+    """
+    if source in PRESETS:
+        codec = make_codec(source)
+        return codec, init_variables(codec, jax.random.PRNGKey(0) if rng is None else rng)
+    if source.endswith((".pth", ".pt")):
+        config, params = import_dac(source)
+        return make_codec(config), {"params": params}
+    try:
+        loaded = load_trained(source, use_ema=use_ema)
+    except CheckpointError:
+        raise ConfigError(f"cannot load a codec from {source!r}: give a trained codec directory "
+                          f"or workdir, a DAC .pth file or one of the presets "
+                          f"{', '.join(sorted(PRESETS))}") from None
+    return loaded.codec, loaded.variables
 
 
 def evaluate(loaded: LoadedCodec, clips: Sequence[np.ndarray], *,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from ldm_jax.codec import quantize
 from ldm_jax.codec.quantize import CodecError
-from ldm_jax.config import ConfigError
+from ldm_jax.config import ConfigError, Section
 from ldm_jax.nn.activations import Snake
 from ldm_jax.nn.conv import WNConv1d, WNConvTranspose1d
 
@@ -32,7 +32,7 @@ QUANTIZERS = ("dac_rvq", "ema_rvq", "kl")
 
 
 @dataclasses.dataclass(frozen=True)
-class CodecConfig:
+class CodecConfig(Section):
     """Shape and training options of a codec (the `model` section of a codec experiment).
 
     `latent_dim=None` means `encoder_dim * 2 ** len(encoder_rates)`. `quantizer_dropout` is the
@@ -42,6 +42,8 @@ class CodecConfig:
     models were trained without it and give `stride * T - 1` per odd-stride layer). `dtype` is the
     compute dtype; parameters are kept in `param_dtype`.
     """
+
+    LABEL: ClassVar[str] = "codec config"
 
     sample_rate: int = 44100
     channels: int = 1
@@ -102,24 +104,6 @@ class CodecConfig:
     def frame_rate(self) -> float:
         return self.sample_rate / self.hop_length
 
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> CodecConfig:
-        """Builds a config from a dict or ConfigDict; an unknown key is an error naming it."""
-        values = dict(values.to_dict() if hasattr(values, "to_dict") else values)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown codec config key(s) {', '.join(unknown)}; known: "
-                              f"{', '.join(sorted(known))}")
-        return cls(**values)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready dict (lists for the rates)."""
-        d = dataclasses.asdict(self)
-        d["encoder_rates"] = list(self.encoder_rates)
-        d["decoder_rates"] = list(self.decoder_rates)
-        return d
-
 
 def _dac(sample_rate, rates, n_codebooks, latent_dim=None):
     return CodecConfig(sample_rate=sample_rate, encoder_dim=64, encoder_rates=rates,
@@ -128,16 +112,18 @@ def _dac(sample_rate, rates, n_codebooks, latent_dim=None):
                        quantizer_dropout=0.5)
 
 
-# The released DAC configurations (conf/final/*.yml; training uses quantizer dropout 0.5) and the
-# CPU-sized `tiny`, the architecture of the reference fixture.
+# The released DAC configurations (conf/final/*.yml; training uses quantizer dropout 0.5) and
+# `dac_16khz_tiny`, a CPU-sized DAC at 16 kHz: the architecture of the reference fixture (the
+# embedded experiments' codecs are `codec_tiny` and `codec`, experiment files, not presets).
 PRESETS: dict[str, CodecConfig] = {
     "dac_44khz": _dac(44100, (2, 4, 8, 8), 9),
     "dac_44khz_16kbps": _dac(44100, (2, 4, 8, 8), 18, latent_dim=128),
     "dac_24khz": _dac(24000, (2, 4, 5, 8), 32),
     "dac_16khz": _dac(16000, (2, 4, 5, 8), 12),
-    "tiny": CodecConfig(sample_rate=16000, encoder_dim=16, encoder_rates=(2, 4, 5), latent_dim=64,
-                        decoder_dim=96, decoder_rates=(5, 4, 2), n_codebooks=4, codebook_size=64,
-                        codebook_dim=8, quantizer_dropout=0.5),
+    "dac_16khz_tiny": CodecConfig(
+        sample_rate=16000, encoder_dim=16, encoder_rates=(2, 4, 5), latent_dim=64, decoder_dim=96,
+        decoder_rates=(5, 4, 2), n_codebooks=4, codebook_size=64, codebook_dim=8,
+        quantizer_dropout=0.5),
 }
 
 
@@ -347,7 +333,7 @@ class Codec(nn.Module):
         return audio, {"z": z, **aux}
 
 
-def make_codec(cfg: CodecConfig | Mapping[str, Any] | str) -> Codec:
+def make_model(cfg: CodecConfig | Mapping[str, Any] | str) -> Codec:
     """A `Codec` from a config, a dict / ConfigDict of its fields, or a preset name."""
     if isinstance(cfg, str):
         if cfg not in PRESETS:
@@ -357,6 +343,9 @@ def make_codec(cfg: CodecConfig | Mapping[str, Any] | str) -> Codec:
     elif not isinstance(cfg, CodecConfig):
         cfg = CodecConfig.from_dict(cfg)
     return Codec(cfg)
+
+
+make_codec = make_model
 
 
 def init_variables(codec: Codec, rng: jax.Array, n_samples: int | None = None):
@@ -374,26 +363,3 @@ def init_variables(codec: Codec, rng: jax.Array, n_samples: int | None = None):
     x = jnp.zeros((1, n, codec.config.channels), jnp.float32)
     # One compiled program: initialising op by op compiles every distinct op on its own.
     return jax.jit(lambda r: codec.init({"params": r}, x))(rng)
-
-
-def load(source: str, *, rng: jax.Array | None = None):
-    """The codec and its variables from a DAC `.pth` checkpoint or a preset name.
-
-    Args:
-      source: path to a released DAC `.pth` file (imported without torch), or a name in
-        `PRESETS` (freshly initialised).
-      rng: PRNG key for a preset's initialisation (default `PRNGKey(0)`).
-
-    Returns:
-      `(codec, variables)`.
-    """
-    if source in PRESETS:
-        codec = make_codec(source)
-        return codec, init_variables(codec, jax.random.PRNGKey(0) if rng is None else rng)
-    if source.endswith((".pth", ".pt")):
-        from ldm_jax.codec.convert import import_dac
-
-        config, params = import_dac(source)
-        return make_codec(config), {"params": params}
-    raise ConfigError(f"cannot load a codec from {source!r}: give a DAC .pth file or one of the "
-                      f"presets {', '.join(sorted(PRESETS))}")

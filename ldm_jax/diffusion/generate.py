@@ -28,11 +28,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ldm_jax import parallel, paths
-from ldm_jax.diffusion import samplers
-from ldm_jax.diffusion import train as ldm_train
+from ldm_jax import checkpoint, parallel, paths
+from ldm_jax.diffusion import conditioning, samplers
+from ldm_jax.diffusion import config as ldm_config
 from ldm_jax.diffusion.schedules import DiffusionError
-from ldm_jax.diffusion.unet import make_unet
+from ldm_jax.diffusion.unet import PRESETS, UNet, init_variables, make_unet
 
 SAMPLES_DIR = "samples"
 SAMPLES_INDEX = "samples.json"
@@ -41,7 +41,7 @@ SAMPLES_INDEX = "samples.json"
 def ldm_dir(workdir: str) -> str:
     """W/ldm, or WORKDIR itself when it is an LDM stage directory."""
     for candidate in (os.path.join(workdir, "ldm"), workdir):
-        if paths.isfile(os.path.join(candidate, ldm_train.CONFIG_FILE)) and \
+        if paths.isfile(os.path.join(candidate, ldm_config.CONFIG_FILE)) and \
                 paths.isdir(os.path.join(candidate, "checkpoints")):
             return candidate
     raise DiffusionError(f"no trained latent diffusion model in {workdir}; run `ldm-jax train "
@@ -49,17 +49,37 @@ def ldm_dir(workdir: str) -> str:
 
 
 def load_params(directory: str, use_ema: bool = True):
-    """The latest checkpoint's EMA parameters (or raw parameters) of an LDM stage directory,
-    read on this host alone."""
-    from ldm_jax import checkpoint
+    """(parameters, step) of an LDM stage directory's latest checkpoint (its EMA parameters
+    unless `use_ema` is False), read on this host alone."""
+    params, step, _ = checkpoint.read_params(directory, use_ema=use_ema)
+    return params, step
 
+
+def load(source: str, *, rng: jax.Array | None = None, use_ema: bool = True
+         ) -> tuple[UNet, dict]:
+    """The U-Net and its variables, from a trained LDM directory or a preset.
+
+    Args:
+      source: a trained LDM stage directory (W/ldm) or a workdir W holding one (its EMA
+        parameters), or a name in `unet.PRESETS` (freshly initialised).
+      rng: PRNG key for a preset's initialisation (default `PRNGKey(0)`).
+      use_ema: a trained model's EMA parameters (else its raw parameters).
+
+    Returns:
+      `(unet, {"params": ...})`.
+    """
+    if source in PRESETS:
+        model = make_unet(PRESETS[source])
+        return model, init_variables(model, jax.random.PRNGKey(0) if rng is None else rng)
     try:
-        raw, step = checkpoint.read_state(os.path.join(directory, "checkpoints"))
-    except checkpoint.CheckpointError:
-        raise checkpoint.CheckpointError(f"no checkpoint in {directory}/checkpoints; train the "
-                                         "LDM first") from None
-    params = raw.get("ema_params") if use_ema and raw.get("ema_params") else raw["params"]
-    return jax.tree_util.tree_map(jnp.asarray, params), step
+        directory = ldm_dir(source)
+    except DiffusionError:
+        raise DiffusionError(f"cannot load a U-Net from {source!r}: give a trained LDM "
+                             f"directory or workdir, or one of the presets "
+                             f"{', '.join(sorted(PRESETS))}") from None
+    cfg = json.loads(paths.read_text(os.path.join(directory, ldm_config.CONFIG_FILE)))
+    params, _ = load_params(directory, use_ema)
+    return make_unet(cfg["model"]), {"params": params}
 
 
 def _clips(audio) -> list[np.ndarray]:
@@ -91,8 +111,8 @@ class Generator:
 
         directory = ldm_dir(workdir)
         cfg = ml_collections.ConfigDict(json.loads(
-            paths.read_text(os.path.join(directory, ldm_train.CONFIG_FILE))))
-        stats_dict = json.loads(paths.read_text(os.path.join(directory, ldm_train.STATS_FILE)))
+            paths.read_text(os.path.join(directory, ldm_config.CONFIG_FILE))))
+        stats_dict = json.loads(paths.read_text(os.path.join(directory, ldm_config.STATS_FILE)))
         params, self.step = load_params(directory, use_ema)
         root = os.path.dirname(directory) if os.path.basename(directory) == "ldm" else workdir
         self._setup(cfg, params, codec=load_trained(root),
@@ -122,15 +142,18 @@ class Generator:
         return self
 
     def _setup(self, cfg, params, *, codec, clap, stats, latent, batch_size):
-        ldm_train.check_clap(cfg, clap)
+        conditioning.check_clap(cfg, clap)
         self.cfg, self.params, self.codec, self.clap, self.stats = cfg, params, codec, clap, stats
         self.latent, self.batch_size = latent, int(batch_size)
-        d = ldm_train.diffusion_config(cfg)
-        self.objective, self.normalize = d["objective"], d["normalize"]
-        self.mode = ldm_train.conditioning_mode(cfg)
-        self.text_layer = ldm_train.text_layer(cfg, clap)
+        d = ldm_config.diffusion_config(cfg)
+        self.objective, self.normalize = d.objective, d.normalize
+        self.mode = conditioning.conditioning_mode(cfg)
+        self.text_layer = conditioning.text_layer(cfg, clap)
         self.unet = make_unet(cfg.model)
-        self.schedule = ldm_train.schedule_from_config(cfg)
+        self.schedule = ldm_config.schedule_from_config(cfg)
+        data = cfg.get("data", None) or {}
+        # The natural length of a sample: the latent crops the U-Net was trained on.
+        self.default_seconds = float(data["crop_seconds"]) if data.get("crop_seconds") else None
         self._fns = {}
 
     @property
@@ -143,13 +166,13 @@ class Generator:
         return int(np.floor(float(seconds) * self.stats.frame_rate + 1e-6)) + 1
 
     def condition(self, prompts: Sequence[str]) -> dict:
-        """CLAP conditions of the prompts (as in training; see `train.text_condition`)."""
-        return ldm_train.text_condition(self.clap, list(prompts), self.mode, self.text_layer)
+        """CLAP conditions of the prompts (as in training; see `conditioning.text_condition`)."""
+        return conditioning.text_condition(self.clap, list(prompts), self.mode, self.text_layer)
 
     def encode_audio(self, audio, frames: int) -> tuple[np.ndarray, np.ndarray]:
         """Clips at the codec's rate -> (normalised latents [B, frames, D], bool [B, frames]
         True where the clip has audio); shorter clips are zero-padded, longer ones cut."""
-        from ldm_jax.data.latents import encode_clips
+        from ldm_jax.codec.latents import encode_clips
 
         zs = encode_clips(self.codec, _clips(audio), self.latent, self.batch_size)
         x = np.zeros((len(zs), frames, self.stats.latent_dim), np.float32)
@@ -203,7 +226,8 @@ class Generator:
 
         Args:
           prompts: a prompt or a list of B prompts.
-          seconds: clip length; None takes the length of `init_audio` or `inpaint_audio`.
+          seconds: clip length; None takes the length of `init_audio` or `inpaint_audio`, else
+            the length the U-Net was trained on (`data.crop_seconds`, `default_seconds`).
           steps: sampler steps.
           sampler: "dpmpp_2m", "ddim", "euler" or "ddpm".
           cfg_scale: classifier-free guidance scale (1: the conditional model alone).
@@ -238,12 +262,17 @@ class Generator:
             else [int(s) for s in seed]
         if len(seeds) != n:
             raise DiffusionError(f"{len(seeds)} seeds for {n} prompts; give one per prompt")
+        _check_options(seconds=seconds, steps=steps, cfg_scale=cfg_scale, strength=strength,
+                       sampler=sampler)
         if seconds is None:
             reference = init_audio if init_audio is not None else inpaint_audio
-            if reference is None:
-                raise DiffusionError("give seconds (or init_audio / inpaint_audio to take the "
-                                     "length from)")
-            seconds = max(len(c) for c in _clips(reference)) / self.sample_rate
+            if reference is not None:
+                seconds = max(len(c) for c in _clips(reference)) / self.sample_rate
+            elif self.default_seconds is not None:
+                seconds = self.default_seconds
+            else:
+                raise DiffusionError("give seconds: this model's config records no training "
+                                     "length (data.crop_seconds)")
         frames = self.frames_for(seconds)
         dim = self.stats.latent_dim
 
@@ -252,8 +281,6 @@ class Generator:
 
         x_init = None
         if init_audio is not None:
-            if not 0.0 < float(strength) <= 1.0:
-                raise DiffusionError(f"strength must be in (0, 1], got {strength}")
             x_init = per_prompt(self.encode_audio(init_audio, frames)[0])
         known = mask = None
         if inpaint_audio is not None:
@@ -283,7 +310,7 @@ class Generator:
                       leave=False):
             begin = chunks[k]
             rows = min(self.batch_size, n - begin)
-            size = ldm_train.bucket_rows(rows, self.batch_size)
+            size = parallel.bucket_rows(rows, self.batch_size)
             take = functools.partial(_rows, begin=begin, rows=rows, size=size)
             noise = np.stack([np.random.default_rng(s).standard_normal((frames, dim))
                               for s in seeds[begin:begin + rows]]).astype(np.float32)
@@ -293,7 +320,7 @@ class Generator:
             if negative is not None:
                 uncond = {k: np.repeat(v, size, axis=0) for k, v in negative.items()}
             else:
-                uncond = ldm_train.null_condition(cond)
+                uncond = conditioning.null_condition(cond)
             latents = np.asarray(fn(self.params, noise, cond, uncond, jnp.float32(cfg_scale),
                                     take(x_init), take(known), take(mask),
                                     jax.random.key(seeds[begin])))[:rows]
@@ -327,6 +354,19 @@ class Generator:
             parts.append(audio[start:start + rows])
             start += rows
         return np.concatenate(parallel.gather_batches(parts))
+
+
+def _check_options(*, seconds, steps, cfg_scale, strength, sampler):
+    """Generation options checked before any model work; the message names the option."""
+    if seconds is not None and not (np.isfinite(float(seconds)) and float(seconds) > 0):
+        raise DiffusionError(f"seconds must be a positive number, got {seconds}")
+    if isinstance(steps, bool) or int(steps) != steps or int(steps) < 1:
+        raise DiffusionError(f"steps must be a positive integer, got {steps}")
+    if not np.all(np.isfinite(np.asarray(cfg_scale, np.float64))):
+        raise DiffusionError(f"cfg_scale must be finite, got {cfg_scale}")
+    if not 0.0 < float(strength) <= 1.0:
+        raise DiffusionError(f"strength must be in (0, 1], got {strength}")
+    samplers.canonical_sampler(sampler)
 
 
 def _rows(x, *, begin: int, rows: int, size: int):

@@ -50,46 +50,87 @@ Sizes (`param_count`, counted with `jax.eval_shape`):
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from ldm_jax.axes import BATCH_AXES
+from ldm_jax.config import Section
 from ldm_jax.diffusion.schedules import DiffusionError
 from ldm_jax.nn.attention import MultiHeadAttention, TransformerBlock
 from ldm_jax.nn.embeddings import TimestepEmbedding
-from ldm_jax.parallel import BATCH_AXES
 
 Dtype = Any
 
-# The fields of the `model` config section and their defaults; `make_unet` rejects other keys.
-DEFAULTS: dict[str, Any] = dict(
-    latent_channels=16,  # must equal the codec's latent_dim
-    patch_size=1,  # latent frames folded into the channels of one U-Net frame
-    base_channels=64,
-    channel_mult=(1, 2),
-    num_res_blocks=1,
-    attention_levels=(1,),  # indices into channel_mult that get a transformer stage
-    num_heads=4,
-    head_dim=0,  # > 0: heads = channels // head_dim at every level, instead of num_heads
-    transformer_depth=1,
-    mlp_ratio=4,
-    norm_groups=32,
-    context_dim=128,  # width of the text states; 0 builds no cross-attention
-    pooled_dim=128,  # width of the pooled text embedding; 0 builds no projection
-    context_pooling="none",  # "attention": an attention-pooled context joins the time embedding
-    dropout=0.0,
-    remat=False,
-    remat_policy="nothing_saveable",  # one of REMAT_POLICIES
-    dtype="float32",  # compute dtype; parameters are always float32
-)
 # Policies of jax.checkpoint_policies that take no arguments, from most to least recomputation.
 REMAT_POLICIES = ("nothing_saveable", "dots_with_no_batch_dims_saveable", "dots_saveable",
                   "everything_saveable")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig(Section):
+    """The `model` section of an LDM experiment: the U-Net's shape (see the module docstring)."""
+
+    LABEL: ClassVar[str] = "U-Net config"
+    ERROR: ClassVar[type[Exception]] = DiffusionError
+
+    latent_channels: int = 16  # must equal the codec's latent_dim
+    patch_size: int = 1  # latent frames folded into the channels of one U-Net frame
+    base_channels: int = 64
+    channel_mult: tuple[int, ...] = (1, 2)
+    num_res_blocks: int = 1
+    attention_levels: tuple[int, ...] = (1,)  # indices into channel_mult with a transformer stage
+    num_heads: int = 4
+    head_dim: int = 0  # > 0: heads = channels // head_dim at every level, instead of num_heads
+    transformer_depth: int = 1
+    mlp_ratio: int = 4
+    norm_groups: int = 32
+    context_dim: int = 128  # width of the text states; 0 builds no cross-attention
+    pooled_dim: int = 128  # width of the pooled text embedding; 0 builds no projection
+    context_pooling: str = "none"  # "attention": a pooled context joins the time embedding
+    dropout: float = 0.0
+    remat: bool = False
+    remat_policy: str = "nothing_saveable"  # one of REMAT_POLICIES
+    dtype: str = "float32"  # compute dtype; parameters are always float32
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise DiffusionError(f"model.dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if not self.channel_mult:
+            raise DiffusionError("model.channel_mult needs at least one level")
+        if self.patch_size < 1:
+            raise DiffusionError(f"model.patch_size must be at least 1, got {self.patch_size}")
+        if self.num_res_blocks < 1:
+            raise DiffusionError("model.num_res_blocks must be at least 1")
+        bad = [a for a in self.attention_levels if not 0 <= a < len(self.channel_mult)]
+        if bad:
+            raise DiffusionError(f"model.attention_levels {bad} are not levels of channel_mult "
+                                 f"(0..{len(self.channel_mult) - 1})")
+        if self.base_channels % self.norm_groups:
+            raise DiffusionError(f"model.base_channels={self.base_channels} must be a multiple "
+                                 f"of model.norm_groups={self.norm_groups}")
+        for mult in self.channel_mult:
+            width = self.base_channels * mult
+            heads = width // self.head_dim if self.head_dim > 0 else self.num_heads
+            if heads < 1 or width % heads:
+                raise DiffusionError(f"{width} channels do not split into attention heads; "
+                                     "change model.num_heads or model.head_dim")
+        if self.context_pooling not in ("none", "attention"):
+            raise DiffusionError(f"model.context_pooling {self.context_pooling!r}: use 'none' "
+                                 "or 'attention'")
+        if self.context_pooling == "attention" and not self.context_dim:
+            raise DiffusionError("model.context_pooling='attention' pools the text states: set "
+                                 "model.context_dim")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise DiffusionError(f"model.remat_policy {self.remat_policy!r} is not one of "
+                                 f"{', '.join(REMAT_POLICIES)}")
 
 
 def _pin_batch(h: jax.Array) -> jax.Array:
@@ -194,7 +235,7 @@ class AttentionStage(nn.Module):
 class UNet(nn.Module):
     """The 1-D U-Net denoiser over codec latents (see the module docstring).
 
-    Attributes: the fields of `DEFAULTS` (dtype as a jnp dtype), and `param_dtype`.
+    Attributes: the fields of `UNetConfig` (dtype as a jnp dtype), and `param_dtype`.
     """
 
     latent_channels: int
@@ -370,63 +411,38 @@ class UNet(nn.Module):
         return h[:, :frames].astype(x.dtype), {}
 
 
-def _model_fields(model_cfg) -> dict[str, Any]:
-    """`cfg.model` (ConfigDict or mapping) -> UNet fields, with defaults and checks."""
-    given = dict(model_cfg.items())
-    unknown = sorted(set(given) - set(DEFAULTS))
-    if unknown:
-        raise DiffusionError(f"unknown U-Net config keys {unknown}; model takes: "
-                             f"{', '.join(DEFAULTS)}")
-    f = {**DEFAULTS, **given}
-    f["channel_mult"] = tuple(int(m) for m in f["channel_mult"])
-    f["attention_levels"] = tuple(int(a) for a in f["attention_levels"])
-    if f["dtype"] not in DTYPES:
-        raise DiffusionError(f"model.dtype {f['dtype']!r} is not one of {', '.join(DTYPES)}")
-    f["dtype"] = DTYPES[f["dtype"]]
-    if not f["channel_mult"]:
-        raise DiffusionError("model.channel_mult needs at least one level")
-    if f["patch_size"] < 1:
-        raise DiffusionError(f"model.patch_size must be at least 1, got {f['patch_size']}")
-    if f["num_res_blocks"] < 1:
-        raise DiffusionError("model.num_res_blocks must be at least 1")
-    bad = [a for a in f["attention_levels"] if not 0 <= a < len(f["channel_mult"])]
-    if bad:
-        raise DiffusionError(f"model.attention_levels {bad} are not levels of channel_mult "
-                             f"(0..{len(f['channel_mult']) - 1})")
-    if f["base_channels"] % f["norm_groups"]:
-        raise DiffusionError(f"model.base_channels={f['base_channels']} must be a multiple of "
-                             f"model.norm_groups={f['norm_groups']}")
-    for mult in f["channel_mult"]:
-        width = f["base_channels"] * mult
-        heads = width // f["head_dim"] if f["head_dim"] > 0 else f["num_heads"]
-        if heads < 1 or width % heads:
-            raise DiffusionError(f"{width} channels do not split into attention heads; change "
-                                 "model.num_heads or model.head_dim")
-    if f["context_pooling"] not in ("none", "attention"):
-        raise DiffusionError(f"model.context_pooling {f['context_pooling']!r}: use 'none' or "
-                             "'attention'")
-    if f["context_pooling"] == "attention" and not f["context_dim"]:
-        raise DiffusionError("model.context_pooling='attention' pools the text states: set "
-                             "model.context_dim")
-    if f["remat_policy"] not in REMAT_POLICIES:
-        raise DiffusionError(f"model.remat_policy {f['remat_policy']!r} is not one of "
-                             f"{', '.join(REMAT_POLICIES)}")
-    return f
+# The U-Nets of the embedded experiments: `ldm_tiny` (the defaults) and `ldm_base`, in the range
+# of the 2-D U-Nets of AudioLDM and MusicLDM (188,949,952 parameters).
+PRESETS: dict[str, UNetConfig] = {
+    "ldm_tiny": UNetConfig(),
+    "ldm_base": UNetConfig(
+        latent_channels=64, base_channels=192, channel_mult=(1, 2, 3, 4), num_res_blocks=2,
+        attention_levels=(1, 2, 3), num_heads=8, head_dim=64, context_dim=768, pooled_dim=512,
+        remat=True, remat_policy="dots_with_no_batch_dims_saveable", dtype="bfloat16"),
+}
 
 
-def make_unet(model_cfg) -> UNet:
-    """Builds the U-Net from the `model` config section.
+def make_unet(config: UNetConfig | Mapping[str, Any]) -> UNet:
+    """Builds the U-Net from its config.
 
     Args:
-      model_cfg: a ConfigDict or mapping with fields of `DEFAULTS` (missing ones take defaults).
+      config: a `UNetConfig`, or a ConfigDict / mapping of its fields (the `model` section;
+        missing fields take their defaults).
 
     Returns:
-      An unbound `UNet` (float32 parameters, compute dtype from `model.dtype`).
+      An unbound `UNet` (float32 parameters, compute dtype from `config.dtype`).
 
     Raises:
       DiffusionError: for an unknown key or a value that does not fit (the message says which).
     """
-    return UNet(**_model_fields(model_cfg))
+    fields = UNetConfig.from_dict(config).to_dict()
+    fields["channel_mult"] = tuple(fields["channel_mult"])
+    fields["attention_levels"] = tuple(fields["attention_levels"])
+    fields["dtype"] = DTYPES[fields["dtype"]]
+    return UNet(**fields)
+
+
+make_model = make_unet
 
 
 def example_inputs(model: UNet, batch: int = 1, frames: int | None = None,
@@ -451,6 +467,11 @@ def example_inputs(model: UNet, batch: int = 1, frames: int | None = None,
     if model.pooled_dim:
         inputs["pooled"] = jnp.zeros((batch, model.pooled_dim))
     return inputs
+
+
+def init_variables(model: UNet, rng: jax.Array) -> dict:
+    """Fresh variables `{"params": ...}` of the U-Net (logical-axis boxes removed)."""
+    return nn.meta.unbox(model.init(rng, **example_inputs(model)))
 
 
 def param_count(cfg) -> int:

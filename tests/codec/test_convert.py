@@ -57,7 +57,7 @@ def _close(ours, ref_ncw):
 def test_config_from_metadata(dac):
     assert dac["config"]["encoder_rates"] == [2, 4, 5]
     assert dac["config"]["quantizer"] == "dac_rvq" and dac["config"]["quantizer_dropout"] == 0.0
-    tiny = PRESETS["tiny"].to_dict()
+    tiny = PRESETS["dac_16khz_tiny"].to_dict()
     assert {k: v for k, v in dac["config"].items() if k != "quantizer_dropout"} == {
         k: v for k, v in tiny.items() if k != "quantizer_dropout"}
     n = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(dac["variables"]))

@@ -70,7 +70,7 @@ def test_official_parameter_counts(preset, key, fixtures_dir):
 def test_tiny_parameter_count(fixtures_dir):
     with open(os.path.join(fixtures_dir, "dac", "tiny_manifest.json")) as f:
         manifest = json.load(f)
-    codec = make_codec("tiny")
+    codec = make_codec("dac_16khz_tiny")
     shapes = jax.eval_shape(lambda r: init_variables(codec, r), RNG)
     assert _count(shapes["params"]) == manifest["num_parameters"] == 437_902
     assert codec.hop_length == manifest["hop_length"]
@@ -79,7 +79,7 @@ def test_tiny_parameter_count(fixtures_dir):
 def test_bitrate_and_frame_rate():
     assert make_codec("dac_44khz").bitrate() == pytest.approx(9 * 10 * 44100 / 512)
     assert make_codec("dac_16khz").bitrate(12) == pytest.approx(6000.0)
-    tiny = make_codec("tiny")
+    tiny = make_codec("dac_16khz_tiny")
     assert tiny.frame_rate == 400.0 and tiny.bitrate(2) == pytest.approx(2 * 6 * 400)
     with pytest.raises(CodecError):
         make_test_model(quantizer="kl").bitrate()
@@ -92,7 +92,7 @@ def test_config_errors():
         CodecConfig(quantizer="vqvae")
     with pytest.raises(ConfigError, match="preset"):
         make_codec("dac_8khz")
-    assert CodecConfig.from_dict(PRESETS["tiny"].to_dict()) == PRESETS["tiny"]
+    assert CodecConfig.from_dict(PRESETS["dac_16khz_tiny"].to_dict()) == PRESETS["dac_16khz_tiny"]
 
 
 def test_shapes_and_hop_length():

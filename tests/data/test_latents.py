@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from ldm_jax.codec import inference
+from ldm_jax.codec import latents as latents_writer
 from ldm_jax.codec.model import CodecConfig, make_codec
 from ldm_jax.codec.quantize import STATS
 from ldm_jax.data import builders, latents
@@ -70,14 +71,14 @@ def build_setup(tmp_path_factory):
     builders.build("synthetic_music", data_cfg(), data_dir, workers=1, progress=False)
     codec = write_tiny_codec(root / "codec")
     out = str(root / "latents")
-    summary = latents.encode_latents(codec, data_cfg(), data_dir, out, batch_size=3,
+    summary = latents_writer.encode_latents(codec, data_cfg(), data_dir, out, batch_size=3,
                                      progress=False)
     return root, data_dir, codec, out, summary
 
 
 def codec_latents(loaded, audio, key):
     """What the builder stores: the clip zero-padded to whole frame buckets, cut to its frames."""
-    bucket = loaded.config.hop_length * latents.LENGTH_BUCKET_FRAMES
+    bucket = loaded.config.hop_length * latents_writer.LENGTH_BUCKET_FRAMES
     x = np.zeros((1, -(-len(audio) // bucket) * bucket, 1), np.float32)
     x[0, :len(audio), 0] = audio
     return loaded.encode(x)[key][0, :-(-len(audio) // loaded.config.hop_length)]
@@ -92,7 +93,7 @@ def test_latents_hold_codec_z_captions_and_attributes(setup):
     assert summary["splits"] == {"train": 4, "test": 2} and summary["latent"] == "z"
     assert summary["complete"] and not summary["already_built"]
     assert latents.is_complete(out)
-    assert not os.path.exists(os.path.join(out, latents.PARTS_DIR))
+    assert not os.path.exists(os.path.join(out, latents_writer.PARTS_DIR))
     loaded = inference.load_trained(codec)
     for split in ("train", "test"):
         source = builders.open_split(data_dir, "synthetic_music", split)
@@ -132,7 +133,7 @@ def test_complete_dataset_is_skipped_quickly(setup, monkeypatch):
     monkeypatch.setattr(inference, "load_trained",
                         lambda *a, **k: pytest.fail("a complete dataset must not load the codec"))
     begin = time.perf_counter()
-    again = latents.encode_latents(codec, data_cfg(), data_dir, out, progress=False)
+    again = latents_writer.encode_latents(codec, data_cfg(), data_dir, out, progress=False)
     assert again["already_built"] and again["complete"]
     assert time.perf_counter() - begin < 30
 
@@ -140,12 +141,12 @@ def test_complete_dataset_is_skipped_quickly(setup, monkeypatch):
 def test_host_parts_join_into_the_same_dataset_and_resume(setup, tmp_path, monkeypatch):
     _, data_dir, codec, out, _ = setup
     two = str(tmp_path / "two")
-    first = latents.encode_latents(codec, data_cfg(), data_dir, two, progress=False,
+    first = latents_writer.encode_latents(codec, data_cfg(), data_dir, two, progress=False,
                                    process_index=1, process_count=2)
     assert not first["complete"] and not latents.is_complete(two)  # process 0 has not run
-    parts = sorted(os.listdir(os.path.join(two, latents.PARTS_DIR)))
+    parts = sorted(os.listdir(os.path.join(two, latents_writer.PARTS_DIR)))
     assert parts == ["test-00001-of-00002", "train-00001-of-00002"]
-    encode_part, encoded = latents._encode_part, []
+    encode_part, encoded = latents_writer._encode_part, []
 
     def interrupted(part, **kw):
         if kw["split"] == "test":
@@ -153,17 +154,17 @@ def test_host_parts_join_into_the_same_dataset_and_resume(setup, tmp_path, monke
         encoded.append(kw["split"])
         encode_part(part, **kw)
 
-    monkeypatch.setattr(latents, "_encode_part", interrupted)
+    monkeypatch.setattr(latents_writer, "_encode_part", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        latents.encode_latents(codec, data_cfg(), data_dir, two, progress=False,
+        latents_writer.encode_latents(codec, data_cfg(), data_dir, two, progress=False,
                                process_index=0, process_count=2)
 
     def resumed(part, **kw):
         encoded.append(kw["split"])
         encode_part(part, **kw)
 
-    monkeypatch.setattr(latents, "_encode_part", resumed)
-    latents.encode_latents(codec, data_cfg(), data_dir, two, progress=False, process_index=0,
+    monkeypatch.setattr(latents_writer, "_encode_part", resumed)
+    latents_writer.encode_latents(codec, data_cfg(), data_dir, two, progress=False, process_index=0,
                            process_count=2)
     assert encoded == ["train", "test"]  # the finished train part was not encoded again
     joined = {s: by_index(two, s) for s in ("train", "test")}
@@ -182,7 +183,7 @@ def test_host_parts_join_into_the_same_dataset_and_resume(setup, tmp_path, monke
 def test_kl_codec_stores_the_posterior_mean_and_other_codec_is_refused(setup, tmp_path):
     _, data_dir, _, out, _ = setup
     codec = write_tiny_codec(tmp_path / "vae", quantizer="kl")
-    summary = latents.encode_latents(codec, data_cfg(), data_dir, str(tmp_path / "kl"),
+    summary = latents_writer.encode_latents(codec, data_cfg(), data_dir, str(tmp_path / "kl"),
                                      progress=False)
     assert summary["latent"] == "mean"
     loaded = inference.load_trained(codec)
@@ -191,4 +192,4 @@ def test_kl_codec_stores_the_posterior_mean_and_other_codec_is_refused(setup, tm
     mean = codec_latents(loaded, source[0]["audio"], "mean")
     np.testing.assert_allclose(example["latents"], mean, rtol=1e-5, atol=1e-5)
     with pytest.raises(DataError, match="overwrite"):
-        latents.encode_latents(codec, data_cfg(), data_dir, out, progress=False)
+        latents_writer.encode_latents(codec, data_cfg(), data_dir, out, progress=False)

@@ -22,11 +22,11 @@ from ldm_jax.codec import inference
 from ldm_jax.codec.model import CodecConfig, make_codec
 from ldm_jax.data import builders
 from ldm_jax.data.latents import LatentStats
-from ldm_jax.diffusion import generate
+from ldm_jax.diffusion import conditioning, generate
+from ldm_jax.diffusion import evaluate as generation
 from ldm_jax.diffusion import train as ldm_train
 from ldm_jax.diffusion.schedules import DiffusionError
 from ldm_jax.diffusion.unet import example_inputs, make_unet
-from ldm_jax.eval import generation
 
 SR, LATENT, SECONDS, STEPS = 16000, 8, 0.32, 4
 CAPTIONS = ["a slow organ melody in C major", "fast bell arpeggio in A minor, played loudly",
@@ -225,7 +225,7 @@ def test_training_media_draws_the_configured_prompts(chain):
 @pytest.mark.slow
 def test_stage_trains_from_latents_and_generates(chain, tmp_path):
     """The LDM stage end to end: latents of a synthetic build, 2 steps, samples, evaluation."""
-    from ldm_jax.data import latents
+    from ldm_jax.codec import latents as codec_latents
 
     w, gen = chain
     data = ml_collections.ConfigDict(dict(name="synthetic_music", sample_rate=SR, channels=1,
@@ -233,7 +233,7 @@ def test_stage_trains_from_latents_and_generates(chain, tmp_path):
                                           seed=0, crop_seconds=0.16, shuffle_seed=0,
                                           worker_count=0, worker_buffer_size=1))
     builders.build("synthetic_music", data, str(tmp_path / "data"), workers=1, progress=False)
-    latents.encode_latents(w, data, str(tmp_path / "data"), str(tmp_path / "latents"),
+    codec_latents.encode_latents(w, data, str(tmp_path / "data"), str(tmp_path / "latents"),
                            progress=False)
     for stage in ("codec", "clap"):
         os.symlink(os.path.join(w, stage), tmp_path / stage)
@@ -242,15 +242,15 @@ def test_stage_trains_from_latents_and_generates(chain, tmp_path):
     from ldm_jax.data import pipeline
     source = builders.open_split(str(tmp_path / "latents"), "latents", "train")
     cache = str(tmp_path / "ldm" / "clap_audio_train.npy")
-    emb = ldm_train.clip_embeddings(gen.clap, source, str(tmp_path / "latents"), cache)
+    emb = conditioning.clip_embeddings(gen.clap, source, str(tmp_path / "latents"), cache)
     audio = builders.open_split(str(tmp_path / "data"), "synthetic_music", "train")
     clips = [audio[int(source[i]["source_index"])]["audio"] for i in range(len(source))]
     np.testing.assert_allclose(emb, gen.clap.embed_audio(clips, sample_rate=SR), rtol=1e-5,
                                atol=1e-6)
     np.testing.assert_array_equal(
-        ldm_train.clip_embeddings(gen.clap, source, str(tmp_path / "latents"), cache), emb)
+        conditioning.clip_embeddings(gen.clap, source, str(tmp_path / "latents"), cache), emb)
     batch = next(pipeline.make_iterator(
-        ldm_train.WithEmbeddings(source, emb), data, batch_size=4, crop_key="latents",
+        conditioning.WithEmbeddings(source, emb), data, batch_size=4, crop_key="latents",
         rate=100.0, fields=("latents", "caption", "clap_audio")))
     audio_cfg = ldm_config()
     with audio_cfg.unlocked():
@@ -282,3 +282,25 @@ def test_stage_trains_from_latents_and_generates(chain, tmp_path):
                                             num_prompts=2, steps=2, generator=trained,
                                             untrained=False, progress=False)
     assert scores["num_prompts"] == 2 and "untrained/fd_clap" not in scores
+
+
+def test_readme_python_examples_run(chain):
+    """README's Python section as written: the presets, then a trained workdir (here the tiny
+    random chain, with its short length and few steps)."""
+    import re
+
+    w, _ = chain
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "..", "README.md")).read()
+    section = readme[readme.index("## Python\n"):]
+    presets, trained = re.findall(r"```python\n(.*?)```", section, re.S)[:2]
+    ns = {}
+    exec(compile(presets, "README.md", "exec"), ns)
+    assert ns["z"].shape == (1, 400, 64) and ns["aux"]["codes"].shape == (1, 400, 4)
+    assert ns["text"]["embedding"].shape == (1, 128) and ns["v"].shape == (1, 100, 16)
+    assert np.isfinite(np.asarray(ns["v"])).all()
+    code = trained.replace('"W/clap"', repr(os.path.join(w, "clap"))).replace('"W"', repr(w))
+    code = code.replace("seconds=2,", f"seconds={SECONDS}, steps={STEPS},")
+    ns = {}
+    exec(compile(code, "README.md", "exec"), ns)
+    assert ns["emb"].shape == (1, 16)
+    assert ns["audio"].shape == (1, round(SECONDS * SR)) and np.isfinite(ns["audio"]).all()

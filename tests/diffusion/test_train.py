@@ -12,6 +12,8 @@ from ldm_jax.checkpoint import Checkpointer
 from ldm_jax.clap import model as clap_model
 from ldm_jax.clap.text import Tokenizer
 from ldm_jax.data.latents import LatentStats
+from ldm_jax.diffusion import conditioning
+from ldm_jax.diffusion import config as diffusion_sections
 from ldm_jax.diffusion import train as ldm_train
 from ldm_jax.diffusion.schedules import DiffusionError
 
@@ -163,7 +165,7 @@ def test_audio_conditioning_uses_the_clip_embedding(setup):
     with pytest.raises(DiffusionError, match="clap_audio"):
         prepare(raw)
     # Sampling conditions the same slots on the prompt's text embedding.
-    text = ldm_train.text_condition(clap, ["a slow organ melody"], mode="embedding")
+    text = conditioning.text_condition(clap, ["a slow organ melody"], mode="embedding")
     np.testing.assert_allclose(text["pooled"], clap.embed_text(["a slow organ melody"]),
                                rtol=1e-5, atol=1e-6)
     with pytest.raises(DiffusionError, match="context_dim"):
@@ -213,7 +215,7 @@ def test_loop_resumes_and_eight_device_steps_equal_single_device_steps(setup, tm
                            params, jax.device_get(state["params"]))
     # A batch whose every caption is dropped (all-masked context, zero pooled) trains to finite
     # values, as the condition dropout needs.
-    null = {**prepared[0], **ldm_train.null_condition(prepared[0])}
+    null = {**prepared[0], **conditioning.null_condition(prepared[0])}
     _, metrics = step(state, parallel.global_batch(mesh8, null), rng)
     assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
 
@@ -225,5 +227,5 @@ def test_optimizer_warms_up_and_ema_decay_warms_up():
     assert float(ldm_train.ema_decay_at(0, 0.999)) == pytest.approx(0.1)
     assert float(ldm_train.ema_decay_at(10**6, 0.999)) == pytest.approx(0.999)
     with pytest.raises(DiffusionError, match="unknown diffusion config"):
-        ldm_train.diffusion_config({"diffusion": {"objectve": "v"}})
+        diffusion_sections.diffusion_config({"diffusion": {"objectve": "v"}})
 

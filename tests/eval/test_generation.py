@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from ldm_jax.data import synthetic
-from ldm_jax.eval import generation, music
+from ldm_jax.eval import metrics, music
 
 SR = 16000
 
@@ -22,26 +22,26 @@ def analyses(clips):
 def test_frechet_distance_of_identical_and_transformed_sets():
     rng = np.random.default_rng(0)
     a = rng.normal(size=(400, 6)) @ rng.normal(size=(6, 6)) + 1.0
-    assert generation.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    assert metrics.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
     shift = np.arange(6) * 0.5
     # A shifted copy has the same covariance: the distance is the squared shift.
-    assert generation.frechet_distance(a, a + shift) == pytest.approx(shift @ shift, rel=1e-6)
+    assert metrics.frechet_distance(a, a + shift) == pytest.approx(shift @ shift, rel=1e-6)
     # Scaling by c scales the covariance by c^2: tr(S) (1 - c)^2 plus the mean term.
     cov, mean = np.cov(a, rowvar=False), a.mean(0)
     expected = (np.trace(cov) + mean @ mean) * (1 - 2.0) ** 2
-    assert generation.frechet_distance(a, 2.0 * a) == pytest.approx(expected, rel=1e-6)
+    assert metrics.frechet_distance(a, 2.0 * a) == pytest.approx(expected, rel=1e-6)
     # Independent Gaussian samples with shifted means: close to the squared shift.
     b = rng.normal(size=(4000, 6))
     c = rng.normal(size=(4000, 6)) + 1.0
-    assert generation.frechet_distance(b, c) == pytest.approx(6.0, rel=0.05)
+    assert metrics.frechet_distance(b, c) == pytest.approx(6.0, rel=0.05)
     # Fewer samples than dimensions: the covariance product is singular but the result is finite.
-    assert np.isfinite(generation.frechet_distance(b[:5], c[:5]))
+    assert np.isfinite(metrics.frechet_distance(b[:5], c[:5]))
 
 
 def test_clap_score_is_the_mean_cosine():
     a = np.array([[1.0, 0.0], [0.0, 2.0]])
     t = np.array([[1.0, 1.0], [0.0, -1.0]])
-    assert generation.clap_score(a, t) == pytest.approx((np.sqrt(0.5) - 1.0) / 2)
+    assert metrics.clap_score(a, t) == pytest.approx((np.sqrt(0.5) - 1.0) / 2)
 
 
 def test_key_and_mode_analysis_on_synthetic_clips(clips, analyses):

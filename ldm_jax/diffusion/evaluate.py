@@ -1,11 +1,8 @@
 """Evaluation of text-to-audio generation: Fréchet distance, CLAP score, prompt adherence.
 
-- Fréchet distance between Gaussians fitted to embeddings of real and generated clips (Heusel et
-  al. 2017's FID; FAD of Kilgour et al. 2019 with an audio embedding), here in the CLAP audio
-  space, with the matrix square root of SciPy.
-- CLAP score: the mean cosine similarity between each generated clip's CLAP audio embedding and
-  its prompt's text embedding (as reported by AudioLDM 2 and MusicLDM), with the same score on the
-  real clips of the prompts as a reference.
+- Fréchet distance between Gaussians fitted to CLAP audio embeddings of real and generated clips,
+  and the CLAP score of each generated clip against its prompt (`eval.metrics`), with the same
+  score on the real clips of the prompts as a reference.
 - The same scores for the U-Net at initialisation (`untrained/...`), sampled with the same noise
   and decoded by the same codec: what training has to improve on.
 - Prompt adherence by signal analysis that shares nothing with the models (`eval.music`): key,
@@ -27,49 +24,12 @@ import functools
 import json
 
 import numpy as np
-import scipy.linalg
 
 from ldm_jax import parallel, paths
 from ldm_jax.eval import music
+from ldm_jax.eval.metrics import clap_score, frechet_distance
 
 ATTRIBUTES = ("key", "mode", "tempo_bpm", "loudness", "loudness_db", "instrument", "pattern")
-
-
-def frechet_distance(a: np.ndarray, b: np.ndarray, eps: float = 1e-6) -> float:
-    """Fréchet distance between Gaussians fitted to two sets of embeddings.
-
-    `|mu_a - mu_b|^2 + tr(S_a) + tr(S_b) - 2 tr((S_a S_b)^(1/2))`, computed in float64.
-
-    Args:
-      a: [N, E] embeddings (N >= 2).
-      b: [M, E] embeddings (M >= 2).
-      eps: diagonal offset added to both covariances when their product is singular.
-
-    Returns:
-      The distance (>= 0 up to rounding).
-    """
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(len(a), len(b)) < 2:
-        raise ValueError(f"Fréchet distance needs two [N >= 2, E] sets of one width, got "
-                         f"{a.shape} and {b.shape}")
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean = scipy.linalg.sqrtm(cov_a @ cov_b)
-    if not np.all(np.isfinite(covmean)):
-        offset = np.eye(a.shape[1]) * eps
-        covmean = scipy.linalg.sqrtm((cov_a + offset) @ (cov_b + offset))
-    diff = mu_a - mu_b
-    value = diff @ diff + np.trace(cov_a) + np.trace(cov_b) - 2.0 * np.trace(covmean.real)
-    return float(max(value, 0.0))
-
-
-def clap_score(audio_embeddings: np.ndarray, text_embeddings: np.ndarray) -> float:
-    """Mean cosine similarity of paired rows ([N, E] each)."""
-    a = np.asarray(audio_embeddings, np.float64)
-    t = np.asarray(text_embeddings, np.float64)
-    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
-    t = t / np.maximum(np.linalg.norm(t, axis=1, keepdims=True), 1e-12)
-    return float(np.mean(np.sum(a * t, axis=1)))
 
 
 def _string(v):
@@ -174,10 +134,9 @@ def _initial_params(gen, seed: int):
     """The U-Net's parameters at initialisation, as training starts from them."""
     import jax
 
-    from ldm_jax.diffusion import train as ldm_train
+    from ldm_jax.diffusion.unet import init_variables
 
-    return jax.jit(lambda rng: ldm_train.init_state(gen.cfg, rng)["params"])(
-        jax.random.key(int(seed)))
+    return jax.jit(lambda rng: init_variables(gen.unet, rng)["params"])(jax.random.key(int(seed)))
 
 
 def evaluate_generation(workdir: str, data_dir_or_latents: str, *, num_prompts: int = 32,

@@ -1,0 +1,102 @@
+"""The latent diffusion experiment's sections that training and generation both read.
+
+`diffusion` (the noise schedule, objective, loss weighting, condition dropout and latent
+normalisation) and `train` (the optimiser, EMA, and how the U-Net is conditioned), as frozen
+dataclasses whose defaults are the only ones; and the names of the files an LDM stage directory
+holds beside its checkpoints (its config and the latents' statistics), which `Generator` reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+from ldm_jax.config import Section
+from ldm_jax.diffusion import schedules
+from ldm_jax.diffusion.schedules import DiffusionError
+
+CONFIG_FILE = "config.json"
+STATS_FILE = "latent_stats.json"
+LR_SCHEDULES = ("constant", "cosine")
+NORMALIZATIONS = ("global", "channel")
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionConfig(Section):
+    """The `diffusion` section."""
+
+    SECTION: ClassVar[str] = "diffusion"
+    LABEL: ClassVar[str] = "diffusion config"
+    ERROR: ClassVar[type[Exception]] = DiffusionError
+
+    schedule: str = "scaled_linear"
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    objective: str = "v"  # "epsilon", "v" or "x0" (or an alias: "eps", "v_prediction", ...)
+    min_snr_gamma: float = 5.0  # 0 disables the weighting
+    snr_shift: float = 1.0  # divides every timestep's SNR (simple diffusion's shifted schedule)
+    cond_drop: float = 0.1  # probability of training a caption as the null condition
+    normalize: str = "global"  # "global" (LDM's scale factor) or "channel" (mean / std)
+
+    def __post_init__(self):
+        object.__setattr__(self, "objective", schedules.canonical_objective(self.objective))
+        if self.normalize not in NORMALIZATIONS:
+            raise DiffusionError(f"diffusion.normalize={self.normalize!r}: use 'global' or "
+                                 "'channel'")
+        if not 0.0 <= self.cond_drop < 1.0:
+            raise DiffusionError(f"diffusion.cond_drop={self.cond_drop} must be in [0, 1)")
+        if self.num_train_timesteps < 2:
+            raise DiffusionError("diffusion.num_train_timesteps must be at least 2")
+        if self.min_snr_gamma < 0 or self.snr_shift <= 0:
+            raise DiffusionError("diffusion.min_snr_gamma must be >= 0 and diffusion.snr_shift "
+                                 "> 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(Section):
+    """The `train` section of an LDM experiment."""
+
+    SECTION: ClassVar[str] = "train"
+    LABEL: ClassVar[str] = "LDM train config"
+    ERROR: ClassVar[type[Exception]] = DiffusionError
+
+    steps: int = 2000
+    batch_size: int = 16
+    lr: float = 1e-4
+    warmup: int = 0
+    lr_schedule: str = "constant"  # or "cosine"
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    condition_on_audio: bool = False  # MusicLDM: train on CLAP audio embeddings
+    text_layer: int = -1  # CLAP text layer the U-Net's context is taken from
+
+    def __post_init__(self):
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise DiffusionError(f"train.lr_schedule={self.lr_schedule!r}: use 'constant' or "
+                                 "'cosine'")
+        if self.steps < 0 or self.batch_size < 1 or self.warmup < 0:
+            raise DiffusionError("train.steps and train.warmup must be >= 0 and "
+                                 "train.batch_size >= 1")
+        if not 0.0 <= self.ema_decay <= 1.0:
+            raise DiffusionError(f"train.ema_decay={self.ema_decay} must be in [0, 1]")
+
+
+def diffusion_config(cfg) -> DiffusionConfig:
+    """The `diffusion` section of an experiment config; an unknown key is an error naming it."""
+    return DiffusionConfig.from_dict(cfg.get("diffusion", None) or {})
+
+
+def train_config(cfg) -> TrainConfig:
+    """The `train` section of an LDM experiment config."""
+    return TrainConfig.from_dict(cfg.get("train", None) or {})
+
+
+def schedule_from_config(cfg) -> schedules.Schedule:
+    d = diffusion_config(cfg)
+    return schedules.make_schedule(d.schedule, d.num_train_timesteps, d.beta_start, d.beta_end,
+                                   d.snr_shift)
