@@ -96,3 +96,68 @@ def test_malicious_checkpoint_is_refused(tmp_path, capsys):
     assert cli.main(["codec", "import-dac", str(path), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "refusing to load" in err and not (tmp_path / "pwned").exists()
+
+
+# Every numeric option of every command, with a value it refuses; each refusal is one line on
+# stderr naming the option, before any work.
+BAD_OPTIONS = [
+    (["generate", "x", "--seconds", "-1"], "--seconds"),
+    (["generate", "x", "--seconds", "0"], "--seconds"),
+    (["generate", "x", "--steps", "0"], "--steps"),
+    (["generate", "x", "--steps", "2.5"], "--steps"),
+    (["generate", "x", "--cfg", "nan"], "--cfg"),
+    (["generate", "x", "--seed", "-1"], "--seed"),
+    (["generate", "x", "--strength", "0"], "--strength"),
+    (["generate", "x", "--strength", "1.5"], "--strength"),
+    (["generate", "x", "--inpaint-start", "-0.5"], "--inpaint-start"),
+    (["generate", "x", "--inpaint-end", "inf"], "--inpaint-end"),
+    (["eval", "generation", "--num-prompts", "0"], "--num-prompts"),
+    (["eval", "generation", "--steps", "many"], "--steps"),
+    (["clap", "retrieve", "--query", "q", "--top", "0"], "--top"),
+    (["codec", "encode", "a.wav", "-o", "b.npz", "--n-codebooks", "0"], "--n-codebooks"),
+    (["codec", "decode", "b.npz", "-o", "a.wav", "--n-codebooks", "-2"], "--n-codebooks"),
+    (["codec", "eval", "--n-codebooks", "0"], "--n-codebooks"),
+    (["codec", "eval", "--max-clips", "-1"], "--max-clips"),
+    (["data", "show", "synthetic_music", "-n", "0"], "--num"),
+    (["run", "--num-processes", "0"], "--num-processes"),
+    (["run", "--process-id", "-1"], "--process-id"),
+    (["bench", "unet", "--batch", "0"], "--batch"),
+    (["bench", "unet", "--repeats", "0"], "--repeats"),
+    (["bench", "unet", "--peak-tflops", "-5"], "--peak-tflops"),
+    (["bench", "sample", "--seconds", "0"], "--seconds"),
+    (["bench", "sample", "--max-batch", "0"], "--max-batch"),
+    (["bench", "sample", "--steps", "0"], "--steps"),
+    (["bench", "unet", "--frame-rate", "nan"], "--frame-rate"),
+    (["bench", "unet", "--peer-threads", "0"], "--peer-threads"),
+]
+
+
+@pytest.mark.parametrize("argv,option", BAD_OPTIONS, ids=[" ".join(a) for a, _ in BAD_OPTIONS])
+def test_bad_numeric_options_are_refused_in_one_line(argv, option, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and option in err and "error: argument" in err
+
+
+def test_every_numeric_option_is_checked():
+    """No option parses a bare int or float: each has a checking type (and a case above)."""
+    import argparse
+
+    parser = cli.build_parser()
+    unchecked, seen = [], set()
+
+    def walk(p, path):
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, path + [name])
+            elif action.type in (int, float):
+                unchecked.append(" ".join(path + [action.option_strings[-1]]))
+            elif action.type is not None and action.option_strings:
+                seen.add(action.option_strings[-1])
+
+    walk(parser, [])
+    assert not unchecked
+    assert seen <= {option for _, option in BAD_OPTIONS}

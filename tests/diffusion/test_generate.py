@@ -304,3 +304,28 @@ def test_readme_python_examples_run(chain):
     exec(compile(code, "README.md", "exec"), ns)
     assert ns["emb"].shape == (1, 16)
     assert ns["audio"].shape == (1, round(SECONDS * SR)) and np.isfinite(ns["audio"]).all()
+
+
+def test_generation_options_are_checked_before_any_model_work(chain, monkeypatch):
+    _, gen = chain
+
+    def no_model_work(*args, **kwargs):
+        raise AssertionError("the sampler was reached")
+
+    monkeypatch.setattr(gen, "_sampler", no_model_work)
+    monkeypatch.setattr(gen, "condition", no_model_work)
+    for kwargs, what in [({"seconds": -1}, "seconds"), ({"seconds": 0}, "seconds"),
+                         ({"seconds": float("nan")}, "seconds"), ({"steps": 0}, "steps"),
+                         ({"steps": 2.5}, "steps"), ({"cfg_scale": float("nan")}, "cfg_scale"),
+                         ({"strength": 0.0}, "strength"), ({"sampler": "heun"}, "sampler")]:
+        with pytest.raises(DiffusionError, match=what):
+            gen.generate(["a prompt"], **{"seconds": SECONDS, **kwargs})
+
+
+def test_seconds_defaults_to_the_training_length(chain):
+    w, gen = chain
+    assert gen.default_seconds == 2.0  # ldm_tiny's data.crop_seconds
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(gen, "default_seconds", SECONDS)
+        audio = gen.generate(["a prompt"], steps=STEPS)
+    assert audio.shape == (1, round(SECONDS * SR))
