@@ -32,6 +32,8 @@ def _scalars(d: dict, prefix: str = "") -> dict:
     """The numeric leaves of an evaluation JSON, with '/'-joined keys."""
     out = {}
     for k, v in d.items():
+        if k == "provenance":
+            continue
         key = f"{prefix}{k}"
         if isinstance(v, dict):
             out.update(_scalars(v, key + "/"))

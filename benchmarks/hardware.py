@@ -123,12 +123,15 @@ def cpu_model() -> str:
 
 
 def environment() -> dict:
-    """The device, the library versions, the date and how busy the host was."""
+    """The commit, the device, the library versions, the date and how busy the host was."""
     import flax
     import numpy as np
 
+    from ldm_jax import provenance
+
     device = jax.devices()[0]
     return {
+        **provenance.commit(), "versions": provenance.versions(),
         "device_kind": device.device_kind, "device_count": jax.device_count(),
         "platform": device.platform, "jax": jax.__version__, "flax": flax.__version__,
         "numpy": np.__version__, "python": platform.python_version(),

@@ -274,6 +274,14 @@ def _codec_run(cfg, workdir):
     return {"steps": result.step, "mel_loss": last[-1]["train/mel/loss"] if last else None}
 
 
+def _write_eval(path: str, result: dict, **seeds):
+    """An evaluation's JSON with its provenance (commit, versions, devices, seeds); process 0."""
+    from ldm_jax import provenance
+    if _is_leader():
+        paths.write_text(path, json.dumps({**result, "provenance": provenance.record(**seeds)},
+                                          indent=2))
+
+
 def _codec_eval_done(cfg, workdir):
     return paths.isfile(os.path.join(workdir, "codec", "eval.json"))
 
@@ -285,9 +293,7 @@ def _codec_eval_run(cfg, workdir):
     source = builders.open_split(data_dir(cfg, workdir), cfg.data.name, "test")
     clips = builders.Column(source, "audio", cfg.codec.eval.num_examples)
     result = inference.evaluate(loaded, clips, batch_size=cfg.codec.eval.batch_size)
-    if _is_leader():
-        paths.write_text(os.path.join(workdir, "codec", "eval.json"), json.dumps(result,
-                                                                                indent=2))
+    _write_eval(os.path.join(workdir, "codec", "eval.json"), result, codec_seed=cfg.codec.seed)
     return result
 
 
@@ -308,9 +314,7 @@ def _clap_eval_done(cfg, workdir):
 def _clap_eval_run(cfg, workdir):
     from ldm_jax.clap import evaluate as clap_eval
     result = clap_eval.evaluate(None, os.path.join(workdir, "clap"), data_dir(cfg, workdir))
-    if _is_leader():
-        paths.write_text(os.path.join(workdir, "clap", "eval.json"), json.dumps(result,
-                                                                                indent=2))
+    _write_eval(os.path.join(workdir, "clap", "eval.json"), result, clap_seed=cfg.clap.seed)
     keys = ("text_to_audio/recall_at_10", "zero_shot/instrument", "chance/recall_at_10",
             "chance/zero_shot/instrument")
     return {k: result[k] for k in keys if k in result}

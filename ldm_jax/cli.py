@@ -122,15 +122,18 @@ def _is_leader() -> bool:
     return parallel.is_leader()
 
 
-def _print_json(result: dict, path: str | None):
-    """Prints metrics as JSON and also writes them to PATH when given (process 0)."""
+def _print_json(result: dict, path: str | None, **seeds):
+    """Prints metrics as JSON and also writes them to PATH when given, with their provenance
+    (commit, versions, devices, SEEDS); process 0."""
     import json
+
+    from ldm_jax import provenance
     if not _is_leader():
         return
-    text = json.dumps(result, indent=2)
-    print(text)
+    print(json.dumps(result, indent=2))
     if path:
-        paths.write_text(path, text + "\n")
+        record = {**result, "provenance": provenance.record(**seeds)}
+        paths.write_text(path, json.dumps(record, indent=2) + "\n")
 
 
 def _fmt(v):
@@ -255,7 +258,7 @@ def cmd_codec_eval(args, cfg):
     source = builders.open_split(_data_dir(args, stage), stage.data.name, args.split)
     clips = builders.Column(source, "audio", None if args.max_clips <= 0 else args.max_clips)
     result = inference.evaluate(loaded, clips, n_codebooks=args.n_codebooks)
-    _print_json(result, args.json)
+    _print_json(result, args.json, codec_seed=stage.get("seed"))
 
 
 def cmd_codec_import_dac(args, cfg):
@@ -302,7 +305,7 @@ def cmd_clap_eval(args, cfg):
     from ldm_jax.clap import evaluate as clap_eval
     stage = stage_config(cfg, "clap")
     result = clap_eval.evaluate(None, _clap_dir(args), _data_dir(args, stage), split=args.split)
-    _print_json(result, args.json)
+    _print_json(result, args.json, clap_seed=stage.get("seed"))
 
 
 def cmd_clap_retrieve(args, cfg):
@@ -387,7 +390,7 @@ def cmd_eval_generation(args, cfg):
         num_prompts=args.num_prompts or e.num_prompts, seconds=e.seconds,
         steps=args.steps or e.steps, sampler=e.sampler, cfg_scale=e.cfg_scale, seed=e.seed,
         batch_size=e.batch_size, untrained=not args.no_untrained)
-    _print_json(result, args.json)
+    _print_json(result, args.json, ldm_seed=stage.get("seed"), eval_seed=e.seed)
 
 
 # ----------------------------------------------------------------------------------- the chain

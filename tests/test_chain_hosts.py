@@ -131,6 +131,12 @@ def test_every_evaluation_ran_on_two_hosts(runs):
     reference = json.loads((runs["one"] / "codec" / "eval.json").read_text())
     codec = json.loads((w / "codec" / "eval.json").read_text())
     assert codec["mel_distance"] == pytest.approx(reference["mel_distance"], rel=1e-3)
+    # Each evaluation records what made it: two processes of two devices here, one of four there.
+    for made, processes in ((codec, 2), (reference, 1)):
+        assert made["provenance"]["devices"]["process_count"] == processes
+        assert made["provenance"]["devices"]["count"] == 4
+        assert made["provenance"]["seeds"] == {"codec_seed": 0}
+    assert generation["provenance"]["versions"]["jax"] == jax.__version__
 
 
 def test_codec_parameters_equal_one_hosts(runs):

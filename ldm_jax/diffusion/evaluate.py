@@ -25,7 +25,7 @@ import json
 
 import numpy as np
 
-from ldm_jax import parallel, paths
+from ldm_jax import parallel, paths, provenance
 from ldm_jax.eval import music
 from ldm_jax.eval.metrics import clap_score, frechet_distance
 
@@ -208,5 +208,7 @@ def evaluate_generation(workdir: str, data_dir_or_latents: str, *, num_prompts: 
         result.update({f"untrained/{k}": v for k, v in baseline.items()
                        if not k.startswith("n_")})
     if out_path and parallel.is_leader():
-        paths.write_text(out_path, json.dumps(result, indent=2))
+        record = {**result, "provenance": provenance.record(
+            ldm_seed=gen.cfg.get("seed"), eval_seed=seed)}
+        paths.write_text(out_path, json.dumps(record, indent=2))
     return result

@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 
-from ldm_jax import paths
+from ldm_jax import paths, provenance
 from ldm_jax.eval import plots
 
 STAGE_CURVES = {
@@ -76,11 +76,20 @@ def write_report(workdir: str) -> str:
             png = os.path.join(figures, f"{name}_loss.png")
             plots.save_curves(png, history, keys, title=f"{name} training")
             parts.append(f'<img src="{_png_uri(png)}" alt="{name} loss curves">')
+    made_by = {}
     for title, rel in EVAL_FILES.items():
         values = _load_json(os.path.join(workdir, rel))
         if values:
+            made_by[title] = values.pop("provenance", {}).get("commit")
             parts.append(f"<h2>{title} metrics</h2>{_table(values)}")
     parts.append(_samples_section(workdir, figures))
+    record = provenance.record()
+    made = {f"{title} evaluated at": commit for title, commit in made_by.items() if commit}
+    parts.append("<h2>provenance</h2>" + _table({
+        "commit": record["commit"], "uncommitted changes": record["dirty"], **made,
+        **{f"version/{k}": v for k, v in record["versions"].items()},
+        **{f"devices/{k}": v for k, v in record["devices"].items()},
+        "written": record["written"]}))
     body = "\n".join(p for p in parts if p)
     page = ("<!doctype html><html><head><meta charset='utf-8'><title>ldm_jax report</title>"
             "<style>body{font-family:sans-serif;max-width:960px;margin:2em auto}"

@@ -1,0 +1,24 @@
+"""Provenance: what made an output (commit, versions, devices, seeds)."""
+
+import json
+import subprocess
+
+import jax
+
+from ldm_jax import provenance
+
+
+def test_record_names_the_commit_versions_devices_and_seeds():
+    record = provenance.record(codec_seed=3, eval_seed=None)
+    assert record["seeds"] == {"codec_seed": 3}
+    assert record["versions"]["jax"] == jax.__version__ and record["versions"]["python"]
+    assert record["devices"]["count"] == jax.device_count()
+    assert record["devices"]["platform"] == jax.devices()[0].platform
+    json.dumps(record)  # every field is JSON
+    try:
+        head = subprocess.run(["git", "-C", provenance.REPO, "rev-parse", "HEAD"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        assert record["commit"] is None  # not a git checkout: nothing is invented
+    else:
+        assert record["commit"] == head and isinstance(record["dirty"], bool)
