@@ -18,6 +18,9 @@ def get_config(arg=None):
     del arg
     c = ml_collections.ConfigDict()
     c.seed = 0
+    # The chain, in order (`ldm-jax run` runs these; a new model family adds its own).
+    c.stages = ("data", "tokenizer", "codec", "codec_eval", "clap", "clap_eval", "latents", "ldm",
+                "samples", "generation_eval", "report")
     # 1024 training clips: the U-Net's 3800 steps of 16 clips see each about 60 times.
     c.data = common.data(clip_seconds=2.0, num_train=1024, num_test=64)
     c.tokenizer = common.tokenizer()

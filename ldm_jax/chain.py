@@ -221,12 +221,18 @@ def run_chain(stages: list[Stage], cfg, workdir: str, *, only: list[str] | None 
 
 # ------------------------------------------------------------------------------- the stages
 
+def layout(cfg, workdir: str):
+    """The workdir layout of chain experiment CFG (`workdir.layout`)."""
+    from ldm_jax import workdir as workdir_lib
+    return workdir_lib.layout(cfg, workdir)
+
+
 def data_dir(cfg, workdir: str) -> str:
-    return paths.resolve(cfg.data.data_dir or os.path.join(workdir, "data"))
+    return layout(cfg, workdir).data_dir
 
 
 def tokenizer_path(cfg, workdir: str) -> str:
-    return cfg.tokenizer.path or os.path.join(workdir, "tokenizer", "spm.model")
+    return layout(cfg, workdir).tokenizer
 
 
 def _data_done(cfg, workdir):
@@ -248,15 +254,33 @@ def _tokenizer_done(cfg, workdir):
     return paths.isfile(tokenizer_path(cfg, workdir))
 
 
-def _tokenizer_run(cfg, workdir):
+def train_tokenizer(cfg, layout_) -> dict:
+    """The tokenizer stage (also `ldm-jax tokenizer train`): SentencePiece on the training
+    captions of `cfg.data.name`, saved at `layout_.tokenizer`.
+
+    Returns:
+      {"path", "vocab_size", "captions", "max_length", "longest", "median", "cut"}: the
+      caption token lengths against `tokenizer.max_length` (`cut` captions lose their ends).
+    """
+    import numpy as np
+
     from ldm_jax.clap.text import Tokenizer
     from ldm_jax.data import builders
-    captions = builders.captions(builders.open_split(data_dir(cfg, workdir), cfg.data.name,
-                                                     "train"))
+    captions = builders.captions(builders.open_split(layout_.data_dir, cfg.data.name, "train"))
     tok = Tokenizer.train(captions, vocab_size=cfg.tokenizer.vocab_size,
                           model_type=cfg.tokenizer.model_type)
-    tok.save(tokenizer_path(cfg, workdir))
-    return {"vocab_size": tok.vocab_size, "captions": len(captions)}
+    tok.save(layout_.tokenizer)
+    lengths = tok.lengths(captions)
+    limit = int(cfg.tokenizer.max_length)
+    return {"path": layout_.tokenizer, "vocab_size": tok.vocab_size, "captions": len(captions),
+            "max_length": limit, "longest": int(lengths.max()),
+            "median": int(np.median(lengths)), "cut": int(np.sum(lengths > limit)),
+            "example": captions[0], "example_tokens": tok.encode(captions[0], limit)[0].tolist()}
+
+
+def _tokenizer_run(cfg, workdir):
+    summary = train_tokenizer(cfg, layout(cfg, workdir))
+    return {"vocab_size": summary["vocab_size"], "captions": summary["captions"]}
 
 
 def _stage_steps_done(cfg, workdir, name):
@@ -265,13 +289,40 @@ def _stage_steps_done(cfg, workdir, name):
     return step is not None and step >= cfg[name].train.steps
 
 
-def _codec_run(cfg, workdir):
-    from ldm_jax.codec import train as codec_train
-    result = codec_train.train(cfg.codec, workdir, data_dir(cfg, workdir))
-    if result.preempted:
-        raise KeyboardInterrupt
-    last = [r for r in result.history if "train/mel/loss" in r]
-    return {"steps": result.step, "mel_loss": last[-1]["train/mel/loss"] if last else None}
+# What each trained stage reports from its history: the last value of this metric.
+TRAINERS = {"codec": ("ldm_jax.codec.train", "train/mel/loss", "mel_loss"),
+            "clap": ("ldm_jax.clap.train", None, None),
+            "ldm": ("ldm_jax.diffusion.train", "train/loss", "loss")}
+
+
+def train_stage(name: str, cfg, layout_):
+    """Trains (or resumes) stage NAME (codec, clap or ldm) of stage config CFG: the one way in
+    for the chain and for `ldm-jax train NAME`. Every trainer is `train(cfg, layout)`.
+
+    Returns:
+      The trainer's `loop.TrainResult` (`preempted` when a signal stopped it).
+    """
+    import importlib
+
+    if name not in TRAINERS:
+        raise config_lib.ConfigError(f"no trainer for stage {name!r}; use one of "
+                                     f"{', '.join(TRAINERS)}")
+    module = importlib.import_module(TRAINERS[name][0])
+    return module.train(cfg, layout_)
+
+
+def _trained(name):
+    def run(cfg, workdir):
+        result = train_stage(name, cfg[name], layout(cfg, workdir))
+        if result.preempted:
+            raise KeyboardInterrupt
+        _, metric, key = TRAINERS[name]
+        last = [r for r in result.history if metric and metric in r]
+        summary = {"steps": result.step}
+        if key:
+            summary[key] = last[-1][metric] if last else None
+        return summary
+    return run
 
 
 def _write_eval(path: str, result: dict, **seeds):
@@ -295,16 +346,6 @@ def _codec_eval_run(cfg, workdir):
     result = inference.evaluate(loaded, clips, batch_size=cfg.codec.eval.batch_size)
     _write_eval(os.path.join(workdir, "codec", "eval.json"), result, codec_seed=cfg.codec.seed)
     return result
-
-
-def _clap_run(cfg, workdir):
-    from ldm_jax.clap import train as clap_train
-    result = clap_train.train(cfg.clap, os.path.join(workdir, "clap"), data_dir(cfg, workdir),
-                              tokenizer_path(cfg, workdir),
-                              logdir=os.path.join(workdir, "logs", "clap"))
-    if result.preempted:
-        raise KeyboardInterrupt
-    return {"steps": result.step}
 
 
 def _clap_eval_done(cfg, workdir):
@@ -331,16 +372,6 @@ def _latents_run(cfg, workdir):
                                      os.path.join(workdir, "latents"))
     keys = ("splits", "latent", "latent_dim", "frame_rate", "scale_factor")
     return {k: summary[k] for k in keys if k in summary}
-
-
-def _ldm_run(cfg, workdir):
-    from ldm_jax.diffusion import train as ldm_train
-    result = ldm_train.train(cfg.ldm, workdir, os.path.join(workdir, "latents"),
-                             os.path.join(workdir, "clap"))
-    if result.preempted:
-        raise KeyboardInterrupt
-    last = [r for r in result.history if "train/loss" in r]
-    return {"steps": result.step, "loss": last[-1]["train/loss"] if last else None}
 
 
 def _samples_done(cfg, workdir):
@@ -382,29 +413,69 @@ def _report_run(cfg, workdir):
     return {"report": path}
 
 
+def _steps_done(name: str) -> Callable:
+    return lambda cfg, workdir: _stage_steps_done(cfg, workdir, name)
+
+
+def registry() -> dict[str, Stage]:
+    """Every stage the chain knows, by name. A model family adds its stages here and names them
+    in its chain experiment's `stages` list."""
+    stages = [
+        Stage(name="data", after=(), sections=("data",), done=_data_done, run=_data_run,
+              outputs=("data",)),
+        Stage(name="tokenizer", after=("data",), sections=("data", "tokenizer"),
+              done=_tokenizer_done, run=_tokenizer_run, outputs=("tokenizer",)),
+        Stage(name="codec", after=("data",), sections=("data", "codec"),
+              done=_steps_done("codec"), run=_trained("codec"),
+              outputs=("codec", "logs/codec"), all_hosts=True),
+        Stage(name="codec_eval", after=("codec",), sections=("codec.eval",),
+              done=_codec_eval_done, run=_codec_eval_run, all_hosts=True),
+        Stage(name="clap", after=("data", "tokenizer"), sections=("data", "tokenizer", "clap"),
+              done=_steps_done("clap"), run=_trained("clap"), outputs=("clap", "logs/clap"),
+              all_hosts=True),
+        Stage(name="clap_eval", after=("clap",), sections=("clap.eval",), done=_clap_eval_done,
+              run=_clap_eval_run, all_hosts=True),
+        Stage(name="latents", after=("codec",), sections=("data", "codec"), done=_latents_done,
+              run=_latents_run, outputs=("latents",), all_hosts=True),
+        Stage(name="ldm", after=("latents", "clap"), sections=("ldm",), done=_steps_done("ldm"),
+              run=_trained("ldm"), outputs=("ldm", "logs/ldm"), all_hosts=True),
+        Stage(name="samples", after=("ldm",), sections=("ldm.generation",), done=_samples_done,
+              run=_samples_run, outputs=("samples",), all_hosts=True),
+        Stage(name="generation_eval", after=("samples",), sections=("ldm.eval",),
+              done=_generation_eval_done, run=_generation_eval_run, all_hosts=True),
+        Stage(name="report", after=("codec_eval", "clap_eval", "generation_eval"), sections=(),
+              done=lambda cfg, workdir: False, run=_report_run),
+    ]
+    return {s.name: s for s in stages}
+
+
 def default_stages() -> list[Stage]:
     """The chain of DESIGN.md, as far as its models exist."""
-    steps = lambda name: (lambda cfg, w: _stage_steps_done(cfg, w, name))  # noqa: E731
-    return [
-        Stage("data", (), ("data",), _data_done, _data_run, ("data",)),
-        Stage("tokenizer", ("data",), ("data", "tokenizer"), _tokenizer_done, _tokenizer_run,
-              ("tokenizer",)),
-        Stage("codec", ("data",), ("data", "codec"), steps("codec"), _codec_run,
-              ("codec", "logs/codec"), all_hosts=True),
-        Stage("codec_eval", ("codec",), ("codec.eval",), _codec_eval_done, _codec_eval_run,
-              all_hosts=True),
-        Stage("clap", ("data", "tokenizer"), ("data", "tokenizer", "clap"), steps("clap"),
-              _clap_run, ("clap", "logs/clap"), all_hosts=True),
-        Stage("clap_eval", ("clap",), ("clap.eval",), _clap_eval_done, _clap_eval_run,
-              all_hosts=True),
-        Stage("latents", ("codec",), ("data", "codec"), _latents_done, _latents_run,
-              ("latents",), all_hosts=True),
-        Stage("ldm", ("latents", "clap"), ("ldm",), steps("ldm"), _ldm_run,
-              ("ldm", "logs/ldm"), all_hosts=True),
-        Stage("samples", ("ldm",), ("ldm.generation",), _samples_done, _samples_run,
-              ("samples",), all_hosts=True),
-        Stage("generation_eval", ("samples",), ("ldm.eval",), _generation_eval_done,
-              _generation_eval_run, all_hosts=True),
-        Stage("report", ("codec_eval", "clap_eval", "generation_eval"), (),
-              lambda cfg, w: False, _report_run),
-    ]
+    return list(registry().values())
+
+
+def is_chain(cfg) -> bool:
+    """Whether CFG is a chain experiment (it lists its `stages`) rather than one stage's."""
+    return "stages" in cfg
+
+
+def stages_for(cfg) -> list[Stage]:
+    """The stages a chain experiment declares (`cfg.stages`, in order), or the default chain.
+
+    Raises:
+      ConfigError: a declared stage is unknown, or comes before a stage it reads from.
+    """
+    known = registry()
+    if not is_chain(cfg):
+        return default_stages()
+    names = list(cfg.stages)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise config_lib.ConfigError(f"unknown stage(s) {', '.join(unknown)} in the "
+                                     f"experiment's stages; known: {', '.join(known)}")
+    for i, name in enumerate(names):
+        late = [a for a in known[name].after if a in names[i:]]
+        if late:
+            raise config_lib.ConfigError(f"stage {name} reads {', '.join(late)}, which the "
+                                         "experiment's stages list after it")
+    return [known[n] for n in names]

@@ -144,42 +144,42 @@ def _fmt(v):
 # ----------------------------------------------------------------------------------- tokenizer
 
 def cmd_tokenizer_train(args, cfg):
-    import numpy as np
-
-    from ldm_jax.clap.text import Tokenizer
-    from ldm_jax.data import builders
-    source = builders.open_split(_data_dir(args, cfg), cfg.data.name, "train")
-    captions = builders.captions(source)
-    tok = Tokenizer.train(captions, vocab_size=cfg.tokenizer.vocab_size,
-                          model_type=cfg.tokenizer.model_type)
+    from ldm_jax import chain
+    from ldm_jax import workdir as workdir_lib
     out = args.out or cfg.tokenizer.path or (
         os.path.join(args.workdir, "tokenizer", "spm.model") if args.workdir else "")
     if not out:
         raise config_lib.ConfigError("say where to write the tokenizer: --out PATH or --workdir W")
-    tok.save(out)
-    max_length = int(cfg.tokenizer.max_length)
-    tokens, _ = tok.encode(captions[0], max_length)
-    print(f"tokenizer: {out} ({tok.vocab_size} pieces, {len(captions)} captions)")
-    print(f"  {captions[0]!r} -> {tokens.tolist()}")
-    lengths = tok.lengths(captions)
-    longest, cut = int(lengths.max()), int(np.sum(lengths > max_length))
-    print(f"  caption tokens: median {int(np.median(lengths))}, longest {longest}; "
-          f"max_length {max_length}")
-    if cut:
-        print(f"warning: {cut} of {len(captions)} captions are longer than max_length="
-              f"{max_length} tokens and lose their ends; raise --config.tokenizer.max_length "
-              f"to {longest} to keep them whole", file=sys.stderr)
+    where = workdir_lib.Layout(root=paths.resolve(args.workdir or "."),
+                               data_dir=_data_dir(args, cfg), tokenizer=out)
+    t = chain.train_tokenizer(cfg, where)
+    print(f"tokenizer: {out} ({t['vocab_size']} pieces, {t['captions']} captions)")
+    print(f"  {t['example']!r} -> {t['example_tokens']}")
+    print(f"  caption tokens: median {t['median']}, longest {t['longest']}; "
+          f"max_length {t['max_length']}")
+    if t["cut"]:
+        print(f"warning: {t['cut']} of {t['captions']} captions are longer than max_length="
+              f"{t['max_length']} tokens and lose their ends; raise "
+              f"--config.tokenizer.max_length to {t['longest']} to keep them whole",
+              file=sys.stderr)
 
 
 # --------------------------------------------------------------------------------------- codec
 
 def stage_config(cfg, stage: str):
-    """A stage's own config: `cfg.<stage>` inside a chain experiment, else the config itself."""
-    if stage in cfg and "model" in cfg[stage]:
+    """A stage's own config: `cfg.<stage>` of a chain experiment (one that lists its `stages`),
+    else the config itself, which must then be that stage's experiment."""
+    from ldm_jax import chain
+    if chain.is_chain(cfg):
+        if stage not in cfg:
+            raise config_lib.ConfigError(f"the chain experiment {cfg.get('config_file', '')} has "
+                                         f"no {stage} section")
         return cfg[stage]
     if "model" not in cfg:
-        raise config_lib.ConfigError(f"config {cfg.get('config_file', '')} has no {stage} model: "
-                                     f"use an experiment such as {stage}_tiny")
+        raise config_lib.ConfigError(f"config {cfg.get('config_file', '')} is neither a chain "
+                                     f"experiment (it lists no stages) nor a {stage} "
+                                     f"experiment (it has no model): use one such as "
+                                     f"{stage}_tiny")
     return cfg
 
 
@@ -189,14 +189,30 @@ def _require_workdir(args) -> str:
     return paths.resolve(args.workdir)
 
 
-def cmd_train_codec(args, cfg):
-    from ldm_jax.codec import train as codec_train
-    workdir = _require_workdir(args)
-    stage = stage_config(cfg, "codec")
-    result = codec_train.train(stage, workdir, _data_dir(args, stage))
+def _layout(args, cfg):
+    """The command's workdir layout: --workdir W, with --data-dir, --tokenizer, --latents and
+    --clap where the command has them."""
+    from ldm_jax import workdir as workdir_lib
+    return workdir_lib.layout(cfg, _require_workdir(args), data_dir=getattr(args, "data_dir", None),
+                              tokenizer=getattr(args, "tokenizer", None),
+                              latents=getattr(args, "latents", None),
+                              clap=getattr(args, "clap", None))
+
+
+def cmd_train(args, cfg):
+    """`ldm-jax train STAGE`: the chain's stage runner on this stage's config."""
+    from ldm_jax import chain
+    name = args.train_command
+    stage = stage_config(cfg, name)
+    where = _layout(args, stage)
+    if name == "clap" and not paths.isfile(where.tokenizer):
+        raise config_lib.ConfigError(f"no tokenizer at {where.tokenizer}: run `ldm-jax tokenizer "
+                                     f"train --workdir {where.root}` first or pass --tokenizer")
+    result = chain.train_stage(name, stage, where)
     state = "stopped by a signal at" if result.preempted else "finished at"
     if _is_leader():
-        print(f"codec: {state} step {result.step}; checkpoints in {workdir}/codec/checkpoints")
+        print(f"{name}: {state} step {result.step}; checkpoints in "
+              f"{where.stage(name)}/checkpoints")
 
 
 def _codec_source(args) -> str:
@@ -254,7 +270,7 @@ def cmd_codec_eval(args, cfg):
     from ldm_jax.codec import inference
     from ldm_jax.data import builders
     loaded = inference.load_trained(_codec_source(args))
-    stage = stage_config(cfg, "codec") if ("model" in cfg or "codec" in cfg) else cfg
+    stage = stage_config(cfg, "codec")
     source = builders.open_split(_data_dir(args, stage), stage.data.name, args.split)
     clips = builders.Column(source, "audio", None if args.max_clips <= 0 else args.max_clips)
     result = inference.evaluate(loaded, clips, n_codebooks=args.n_codebooks)
@@ -272,27 +288,6 @@ def cmd_codec_import_dac(args, cfg):
 
 
 # ---------------------------------------------------------------------------------------- clap
-
-def _tokenizer_path(args, cfg, workdir: str) -> str:
-    path = getattr(args, "tokenizer", None) or cfg.tokenizer.path or \
-        os.path.join(workdir, "tokenizer", "spm.model")
-    if not paths.isfile(path):
-        raise config_lib.ConfigError(f"no tokenizer at {path}: run `ldm-jax tokenizer train "
-                                     f"--workdir {workdir}` first or pass --tokenizer")
-    return path
-
-
-def cmd_train_clap(args, cfg):
-    from ldm_jax.clap import train as clap_train
-    workdir = _require_workdir(args)
-    stage = stage_config(cfg, "clap")
-    result = clap_train.train(stage, os.path.join(workdir, "clap"), _data_dir(args, stage),
-                              _tokenizer_path(args, stage, workdir),
-                              logdir=os.path.join(workdir, "logs", "clap"))
-    state = "stopped by a signal at" if result.preempted else "finished at"
-    if _is_leader():
-        print(f"clap: {state} step {result.step}; checkpoints in {workdir}/clap/checkpoints")
-
 
 def _clap_dir(args) -> str:
     workdir = _require_workdir(args)
@@ -324,7 +319,7 @@ def cmd_clap_retrieve(args, cfg):
 
 def cmd_latents_encode(args, cfg):
     from ldm_jax.codec import latents as codec_latents
-    stage = stage_config(cfg, "codec") if "codec" in cfg else cfg
+    stage = stage_config(cfg, "codec")
     out = args.out or (os.path.join(args.workdir, "latents") if args.workdir else "")
     if not out:
         raise config_lib.ConfigError("say where to write the latents: --out DIR or --workdir W")
@@ -335,17 +330,6 @@ def cmd_latents_encode(args, cfg):
         print(f"latents: {summary.get('path', out)} {summary.get('splits', {})}, "
               f"{summary.get('latent_dim')} channels at {summary.get('frame_rate')} frames/s, "
               f"scale factor {summary.get('scale_factor', float('nan')):.4g}")
-
-
-def cmd_train_ldm(args, cfg):
-    from ldm_jax.diffusion import train as ldm_train
-    workdir = _require_workdir(args)
-    stage = stage_config(cfg, "ldm")
-    result = ldm_train.train(stage, workdir, args.latents or os.path.join(workdir, "latents"),
-                             args.clap or os.path.join(workdir, "clap"))
-    state = "stopped by a signal at" if result.preempted else "finished at"
-    if _is_leader():
-        print(f"ldm: {state} step {result.step}; checkpoints in {workdir}/ldm/checkpoints")
 
 
 def cmd_generate(args, cfg):
@@ -399,7 +383,7 @@ def cmd_run(args, cfg):
     from ldm_jax import chain
     workdir = _require_workdir(args)
     stages = [x for x in (args.stages or "").split(",") if x] or None
-    chain.run_chain(chain.default_stages(), cfg, workdir, only=stages,
+    chain.run_chain(chain.stages_for(cfg), cfg, workdir, only=stages,
                     rerun_stale=args.rerun_stale)
     _print_outputs(workdir)
 
@@ -409,7 +393,7 @@ def cmd_demo(args, cfg):
     workdir = paths.resolve(args.workdir or os.path.join("runs", "demo"))
     if _is_leader():
         print(f"ldm-jax demo: the embedded tiny experiment into {workdir} (CPU, tiny models)")
-    chain.run_chain(chain.default_stages(), cfg, workdir, rerun_stale=args.rerun_stale)
+    chain.run_chain(chain.stages_for(cfg), cfg, workdir, rerun_stale=args.rerun_stale)
     _print_outputs(workdir)
 
 
@@ -541,7 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
                              epilog=EPILOG)
     _add_config(p, data_dir=True, default="codec_tiny")
     _add_distributed(p)
-    p.set_defaults(func=cmd_train_codec)
+    p.set_defaults(func=cmd_train)
 
     p = train_sub.add_parser("clap", help="train the contrastive text-audio encoder",
                              epilog=EPILOG)
@@ -549,14 +533,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SentencePiece model (default: W/tokenizer/spm.model)")
     _add_config(p, data_dir=True, default="clap_tiny")
     _add_distributed(p)
-    p.set_defaults(func=cmd_train_clap)
+    p.set_defaults(func=cmd_train)
 
     p = train_sub.add_parser("ldm", help="train the latent diffusion U-Net", epilog=EPILOG)
     p.add_argument("--latents", default=None, help="latents directory (default: W/latents)")
     p.add_argument("--clap", default=None, help="trained CLAP directory (default: W/clap)")
     _add_config(p, default="ldm_tiny")
     _add_distributed(p)
-    p.set_defaults(func=cmd_train_ldm)
+    p.set_defaults(func=cmd_train)
 
     lat = sub.add_parser("latents", help="codec latents of a dataset", epilog=EPILOG)
     lat_sub = lat.add_subparsers(dest="latents_command", metavar="ACTION", required=True)

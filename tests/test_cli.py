@@ -161,3 +161,28 @@ def test_every_numeric_option_is_checked():
     walk(parser, [])
     assert not unchecked
     assert seen <= {option for _, option in BAD_OPTIONS}
+
+
+def test_train_commands_run_the_chains_stage_runner(monkeypatch, tmp_path, capsys):
+    from ldm_jax import chain, loop
+
+    calls = []
+
+    def runner(name, cfg, layout):
+        calls.append((name, cfg, layout))
+        return loop.TrainResult(state=None, step=3, history=[], preempted=name == "ldm")
+
+    monkeypatch.setattr(chain, "train_stage", runner)
+    w = str(tmp_path)
+    assert cli.main(["train", "codec", "--config", "tiny", "--workdir", w]) == 0
+    assert cli.main(["train", "ldm", "--workdir", w, "--latents", str(tmp_path / "z")]) == 0
+    (codec, codec_cfg, codec_layout), (ldm, ldm_cfg, ldm_layout) = calls
+    assert codec == "codec" and "model" in codec_cfg and codec_cfg.model.quantizer == "kl"
+    assert codec_layout.data_dir == str(tmp_path / "data")
+    assert ldm == "ldm" and ldm_layout.stage("latents") == str(tmp_path / "z")
+    out = capsys.readouterr().out
+    assert "codec: finished at step 3" in out and "ldm: stopped by a signal at step 3" in out
+    assert cli.main(["train", "clap", "--workdir", w]) == 2
+    assert "no tokenizer at" in capsys.readouterr().err
+    assert cli.main(["train", "codec", "--config", "codec_tiny", "--workdir", w]) == 0
+    assert calls[-1][1].model.quantizer == "dac_rvq"  # a stage experiment is its own config

@@ -134,3 +134,34 @@ def test_a_field_added_with_its_default_does_not_make_a_stage_stale():
     assert chain._with_defaults(recorded) == chain._with_defaults(current)
     recorded["codec"]["model"]["ema_epsilon"] = 1e-3  # a real change still counts
     assert chain._with_defaults(recorded) != chain._with_defaults(current)
+
+
+def test_a_chain_experiment_declares_its_stages():
+    from ldm_jax import chain
+
+    cfg = config_lib.get_config("tiny")
+    assert chain.is_chain(cfg) and not chain.is_chain(config_lib.get_config("codec_tiny"))
+    assert [s.name for s in chain.stages_for(cfg)] == list(cfg.stages)
+    with cfg.unlocked():
+        cfg.stages = ("data", "tokenizer", "codec", "vampnet")
+    with pytest.raises(config_lib.ConfigError, match="unknown stage.*vampnet"):
+        chain.stages_for(cfg)
+    with cfg.unlocked():
+        cfg.stages = ("data", "codec_eval", "codec")
+    with pytest.raises(config_lib.ConfigError, match="codec_eval reads codec"):
+        chain.stages_for(cfg)
+
+
+def test_layout_places_data_and_tokenizer_where_the_config_or_command_says(tmp_path):
+    from ldm_jax import workdir
+
+    cfg = config_lib.get_config("tiny")
+    w = workdir.layout(cfg, str(tmp_path))
+    assert w.data_dir == str(tmp_path / "data") and w.stage("ldm") == str(tmp_path / "ldm")
+    assert w.tokenizer == str(tmp_path / "tokenizer" / "spm.model")
+    assert w.logs("clap") == str(tmp_path / "logs" / "clap")
+    with cfg.unlocked():
+        cfg.data.data_dir = str(tmp_path / "shared")
+    w = workdir.layout(cfg, str(tmp_path), tokenizer="/t/spm.model", latents=str(tmp_path / "z"))
+    assert w.data_dir == str(tmp_path / "shared") and w.tokenizer == "/t/spm.model"
+    assert w.stage("latents") == str(tmp_path / "z") and w.stage("clap") == str(tmp_path / "clap")

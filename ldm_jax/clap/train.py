@@ -217,17 +217,14 @@ def save_run_files(cfg, workdir: str, tokenizer_path: str):
         paths.copy_file(tokenizer_path, target)
 
 
-def train(cfg, workdir: str, data_dir: str, tokenizer_path: str, *, logdir: str | None = None
-          ) -> loop.TrainResult:
-    """Trains (or resumes) CLAP on `cfg.data.name` in DATA_DIR.
+def train(cfg, layout) -> loop.TrainResult:
+    """Trains (or resumes) CLAP on `cfg.data.name`.
 
     Args:
-      cfg: the experiment config.
-      workdir: the stage directory (`W/clap`): checkpoints, config.json, tokenizer.model,
-        metrics.jsonl.
-      data_dir: the TFDS data directory holding the dataset.
-      tokenizer_path: the SentencePiece model trained on the training captions.
-      logdir: TensorBoard directory; default `workdir/logs`.
+      cfg: the CLAP experiment config (`clap_tiny`, or a chain's `clap` section).
+      layout: the `workdir.Layout`: the dataset in `layout.data_dir`, the tokenizer at
+        `layout.tokenizer`; the stage directory `layout.stage("clap")` gets checkpoints,
+        config.json, tokenizer.model and metrics.jsonl, `layout.logs("clap")` TensorBoard logs.
 
     Returns:
       loop.TrainResult; its last history row holds the final evaluation (`eval/...`).
@@ -235,6 +232,7 @@ def train(cfg, workdir: str, data_dir: str, tokenizer_path: str, *, logdir: str 
     from ldm_jax.clap import evaluate as clap_eval
     from ldm_jax.data import builders, pipeline
 
+    workdir, data_dir, tokenizer_path = layout.stage("clap"), layout.data_dir, layout.tokenizer
     tokenizer = Tokenizer.load(tokenizer_path)
     mesh = parallel.make_mesh(cfg.mesh)
     source = builders.open_split(data_dir, cfg.data.name, "train")
@@ -255,4 +253,4 @@ def train(cfg, workdir: str, data_dir: str, tokenizer_path: str, *, logdir: str 
     return loop.train(task, iterator, workdir=workdir, num_steps=int(cfg.train.steps),
                       seed=int(cfg.get("seed", 0)), mesh=mesh, checkpoint_cfg=cfg.checkpoint,
                       log_cfg=cfg.log, eval_every=int(cfg.eval.get("every_steps", 0)),
-                      logdir=logdir if logdir is not None else os.path.join(workdir, "logs"))
+                      logdir=layout.logs("clap"))

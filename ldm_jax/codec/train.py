@@ -10,7 +10,6 @@ The generator's forward pass is run once through `jax.vjp` and reused for both u
 from __future__ import annotations
 
 import functools
-import os
 
 import flax.linen as nn
 import jax
@@ -204,18 +203,24 @@ def _eval_params(state):
     return state.get("ema_params", state["params"])
 
 
-def train(cfg, workdir: str, data_dir: str) -> loop.TrainResult:
-    """Trains the codec of experiment `cfg` into `workdir/codec` on the dataset in `data_dir`."""
+def train(cfg, layout) -> loop.TrainResult:
+    """Trains (or resumes) the codec of stage config CFG.
+
+    Args:
+      cfg: the codec experiment config (`codec_tiny`, or a chain's `codec` section).
+      layout: the `workdir.Layout`: the dataset in `layout.data_dir`; checkpoints go to
+        `layout.stage("codec")`, TensorBoard logs to `layout.logs("codec")`.
+    """
     from ldm_jax.data import builders, pipeline
     mesh = parallel.make_mesh(cfg.mesh)
     batch = parallel.per_host_batch(cfg.train.batch_size, mesh)
-    source = builders.open_split(data_dir, cfg.data.name, "train")
+    source = builders.open_split(layout.data_dir, cfg.data.name, "train")
     iterator = pipeline.make_iterator(
         source, cfg.data, batch_size=batch, seed=cfg.data.shuffle_seed, train=True,
         crop_seconds=crop_samples(cfg) / cfg.model.sample_rate)
-    test = builders.open_split(data_dir, cfg.data.name, "test")
+    test = builders.open_split(layout.data_dir, cfg.data.name, "test")
     task = make_task(cfg, media_audio=test[0]["audio"] if len(test) else None)
-    return loop.train(task, iterator, workdir=os.path.join(workdir, "codec"),
+    return loop.train(task, iterator, workdir=layout.stage("codec"),
                       num_steps=cfg.train.steps, seed=cfg.seed, mesh=mesh,
                       checkpoint_cfg=cfg.checkpoint, log_cfg=cfg.log,
-                      logdir=os.path.join(workdir, "logs", "codec"))
+                      logdir=layout.logs("codec"))

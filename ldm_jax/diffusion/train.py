@@ -227,15 +227,15 @@ def save_run_files(cfg, workdir: str, stats, latent: str):
                      json.dumps({**stats.to_dict(), "latent": latent}, indent=1))
 
 
-def train(cfg, workdir: str, latents_dir: str, clap_dir: str) -> loop.TrainResult:
-    """Trains (or resumes) the LDM of experiment `cfg` into `workdir/ldm`.
+def train(cfg, layout) -> loop.TrainResult:
+    """Trains (or resumes) the LDM of stage config CFG.
 
     Args:
-      cfg: the LDM experiment config.
-      workdir: W; checkpoints go to W/ldm, TensorBoard logs to W/logs/ldm; the codec in W/codec
-        (if present) decodes the TensorBoard samples.
-      latents_dir: the latents data directory (W/latents).
-      clap_dir: the trained CLAP directory (W/clap).
+      cfg: the LDM experiment config (`ldm_tiny`, or a chain's `ldm` section).
+      layout: the `workdir.Layout`: the latents in `layout.stage("latents")`, the trained CLAP
+        in `layout.stage("clap")` and the codec (if present; it decodes the TensorBoard samples)
+        in `layout.stage("codec")`; checkpoints go to `layout.stage("ldm")`, TensorBoard logs
+        to `layout.logs("ldm")`.
 
     Returns:
       loop.TrainResult.
@@ -243,6 +243,7 @@ def train(cfg, workdir: str, latents_dir: str, clap_dir: str) -> loop.TrainResul
     from ldm_jax.clap.model import ClapModel
     from ldm_jax.data import builders, latents, pipeline
 
+    latents_dir, clap_dir = layout.stage("latents"), layout.stage("clap")
     stats = latents.read_stats(latents_dir)
     latent = latents.read_metadata(latents_dir).get("latent", "z")
     if int(cfg.model.latent_channels) != stats.latent_dim:
@@ -251,7 +252,7 @@ def train(cfg, workdir: str, latents_dir: str, clap_dir: str) -> loop.TrainResul
                              f"--config.model.latent_channels={stats.latent_dim}")
     clap_model = ClapModel.load(clap_dir)
     mesh = parallel.make_mesh(cfg.mesh)
-    stage_dir = os.path.join(workdir, "ldm")
+    stage_dir = layout.stage("ldm")
     source = builders.open_split(latents_dir, latents.NAME, "train")
     fields = ["latents", "caption"]
     if train_config(cfg).condition_on_audio:
@@ -267,11 +268,12 @@ def train(cfg, workdir: str, latents_dir: str, clap_dir: str) -> loop.TrainResul
         from ldm_jax.checkpoint import CheckpointError
         from ldm_jax.codec import inference
         try:
-            codec = inference.load_trained(workdir)
+            codec = inference.load_trained(layout.stage("codec"))
         except CheckpointError:
-            logging.warning("ldm: no codec in %s; TensorBoard gets no audio samples", workdir)
+            logging.warning("ldm: no codec in %s; TensorBoard gets no audio samples",
+                            layout.stage("codec"))
     task = make_task(cfg, clap_model, stats, codec=codec)
     save_run_files(cfg, stage_dir, stats, latent)
     return loop.train(task, iterator, workdir=stage_dir, num_steps=int(cfg.train.steps),
                       seed=int(cfg.get("seed", 0)), mesh=mesh, checkpoint_cfg=cfg.checkpoint,
-                      log_cfg=cfg.log, logdir=os.path.join(workdir, "logs", "ldm"))
+                      log_cfg=cfg.log, logdir=layout.logs("ldm"))

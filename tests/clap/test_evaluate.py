@@ -10,6 +10,7 @@ from ldm_jax.clap import model as clap_model
 from ldm_jax.clap import train as clap_train
 from ldm_jax.clap.text import Tokenizer
 from ldm_jax.data import builders
+from ldm_jax.workdir import Layout
 
 SECONDS = 0.5
 
@@ -34,8 +35,10 @@ def built(tmp_path_factory, clap_test_config):
 
 def test_train_evaluate_retrieve_on_a_built_dataset(built):
     cfg, data_dir, tok_path, workdir = built
-    result = clap_train.train(cfg, workdir, data_dir, tok_path)
-    assert result.step == 1 and os.path.isdir(os.path.join(workdir, "logs"))
+    where = Layout(root=os.path.dirname(workdir), data_dir=data_dir, tokenizer=tok_path)
+    result = clap_train.train(cfg, where)
+    assert where.stage("clap") == workdir
+    assert result.step == 1 and os.listdir(where.logs("clap"))
     final = result.history[-1]
     assert final["eval/chance/recall_at_1"] == pytest.approx(1 / 8)
     assert 0.0 <= final["eval/zero_shot/instrument"] <= 1.0

@@ -14,7 +14,7 @@ import pytest
 import soundfile as sf
 
 from ldm_jax import config as config_lib
-from ldm_jax import parallel
+from ldm_jax import parallel, workdir
 from ldm_jax.checkpoint import Checkpointer
 from ldm_jax.clap import model as clap_model
 from ldm_jax.clap.text import Tokenizer
@@ -270,8 +270,7 @@ def test_stage_trains_from_latents_and_generates(chain, tmp_path):
         cfg.log.audio_every_steps = 2
         cfg.generation.seconds = SECONDS
         cfg.generation.media_steps = 2
-    result = ldm_train.train(cfg, str(tmp_path), str(tmp_path / "latents"),
-                             str(tmp_path / "clap"))
+    result = ldm_train.train(cfg, workdir.layout(cfg, str(tmp_path)))
     assert result.step == 2
     assert os.listdir(tmp_path / "logs" / "ldm")
     trained = generate.Generator(str(tmp_path), batch_size=2)
