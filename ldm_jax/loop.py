@@ -66,6 +66,12 @@ class Task:
     loss_key: str = "loss"
 
 
+def ema_update(ema, params, decay):
+    """One step of an exponential moving average of parameter trees:
+    `decay * ema + (1 - decay) * params` per leaf (the EMA every trainer keeps)."""
+    return jax.tree_util.tree_map(lambda e, p: decay * e + (1 - decay) * p, ema, params)
+
+
 @dataclasses.dataclass
 class TrainResult:
     state: Any

@@ -11,6 +11,7 @@ paraphrase), so short prompts such as "a slow organ piece" land near the right c
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import zlib
@@ -153,6 +154,46 @@ class Prepare:
         return out
 
 
+def init_state(cfg, rng) -> dict:
+    """{"step", "params", "opt_state"} of a fresh CLAP model."""
+    tx, _ = make_optimizer(cfg.train)
+    params = clap_model.init_params(cfg, rng)
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+
+def train_step(state, batch, rng, *, cfg):
+    """One AdamW step on the symmetric contrastive loss over the (global) batch.
+
+    Args:
+      state: from `init_state`.
+      batch: {"tokens", "text_mask", "audio", "audio_mask"} (see `Prepare`).
+      rng: base key, folded with the step (dropout).
+
+    Returns:
+      (new state, metrics): loss, the in-batch accuracies, temperature, grad_norm, lr.
+    """
+    model = clap_model.make_model(cfg)
+    tx, schedule = make_optimizer(cfg.train)
+    scale_max = float(cfg.model.logit_scale_max)
+    rng = jax.random.fold_in(rng, state["step"])
+
+    def loss_fn(params):
+        logits, aux = model.apply({"params": params}, batch["tokens"], batch["text_mask"],
+                                  batch["audio"], batch["audio_mask"], train=True,
+                                  rngs={"dropout": rng})
+        loss, metrics = clap_model.contrastive_loss(logits)
+        return loss, (metrics, aux["logit_scale"])
+
+    (loss, (metrics, scale)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    params = {**params, "logit_scale": jnp.clip(params["logit_scale"], 0.0, scale_max)}
+    metrics = {**metrics, "loss": loss, "temperature": jnp.exp(-scale),
+               "grad_norm": optax.global_norm(grads), "lr": schedule(state["step"])}
+    return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+
+
 def make_task(cfg, tokenizer: Tokenizer, evaluate=None) -> loop.Task:
     """The CLAP stage for `loop.train`.
 
@@ -169,35 +210,11 @@ def make_task(cfg, tokenizer: Tokenizer, evaluate=None) -> loop.Task:
             f"the tokenizer has {tokenizer.vocab_size} pieces but model.text.vocab_size is "
             f"{cfg.model.text.vocab_size}; raise it (it follows tokenizer.vocab_size) or retrain "
             "the tokenizer")
-    model = clap_model.make_model(cfg)
-    tx, schedule = make_optimizer(cfg.train)
-    scale_max = float(cfg.model.logit_scale_max)
-
-    def init(rng):
-        params = clap_model.init_params(cfg, rng)
-        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
-
-    def step(state, batch, rng):
-        rng = jax.random.fold_in(rng, state["step"])
-
-        def loss_fn(params):
-            logits, aux = model.apply({"params": params}, batch["tokens"], batch["text_mask"],
-                                      batch["audio"], batch["audio_mask"], train=True,
-                                      rngs={"dropout": rng})
-            loss, metrics = clap_model.contrastive_loss(logits)
-            return loss, (metrics, aux["logit_scale"])
-
-        (loss, (metrics, scale)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state["params"])
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        params = {**params, "logit_scale": jnp.clip(params["logit_scale"], 0.0, scale_max)}
-        metrics = {**metrics, "loss": loss, "temperature": jnp.exp(-scale),
-                   "grad_norm": optax.global_norm(grads), "lr": schedule(state["step"])}
-        return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
-
-    return loop.Task(name="clap", init=init, step=step, model_config=cfg.model.to_dict(),
-                     prepare=Prepare(cfg, tokenizer), evaluate=evaluate)
+    clap_model.make_model(cfg)  # a config that cannot build fails here, not inside jit
+    return loop.Task(name="clap", init=functools.partial(init_state, cfg),
+                     step=functools.partial(train_step, cfg=cfg),
+                     model_config=cfg.model.to_dict(), prepare=Prepare(cfg, tokenizer),
+                     evaluate=evaluate)
 
 
 def read_fields(source) -> tuple[str, ...]:

@@ -18,6 +18,7 @@ import numpy as np
 import optax
 
 from ldm_jax import loop, parallel
+from ldm_jax.checkpoint import evaluation_params
 from ldm_jax.codec import losses
 from ldm_jax.codec.discriminators import Discriminator
 from ldm_jax.codec.model import CodecConfig, make_codec
@@ -135,9 +136,8 @@ def train_step(state, batch, rng, *, cfg):
                      disc_params=disc_params, disc_opt_state=disc_opt_state,
                      stats=updates.get(STATS, state["stats"]))
     if "ema_params" in state:
-        decay = cfg.train.ema_decay
-        new_state["ema_params"] = jax.tree_util.tree_map(
-            lambda e, p: decay * e + (1 - decay) * p, state["ema_params"], params)
+        new_state["ema_params"] = loop.ema_update(state["ema_params"], params,
+                                                  cfg.train.ema_decay)
     metrics = {"loss": g_loss, "disc/loss": d_loss, **named,
                "grad_norm": optax.global_norm(g_params),
                "disc/grad_norm": optax.global_norm(d_grads)}
@@ -185,7 +185,7 @@ def make_task(cfg, *, media_audio: np.ndarray | None = None) -> loop.Task:
         def media(state):
             from ldm_jax.eval.plots import spectrogram_rgb
             # Every host gathers (the arrays may span hosts); process 0 alone writes media.
-            variables = parallel.host_local(_codec_variables(state, _eval_params(state)))
+            variables = parallel.host_local(_codec_variables(state, evaluation_params(state)))
             if not parallel.is_leader():
                 return {}
             y = np.asarray(reconstruct(variables))[0, :, 0]
@@ -197,10 +197,6 @@ def make_task(cfg, *, media_audio: np.ndarray | None = None) -> loop.Task:
                      step=functools.partial(train_step, cfg=cfg),
                      model_config=dict(CodecConfig.from_dict(cfg.model).to_dict()),
                      prepare=prepare, media=media)
-
-
-def _eval_params(state):
-    return state.get("ema_params", state["params"])
 
 
 def train(cfg, layout) -> loop.TrainResult:

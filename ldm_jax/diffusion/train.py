@@ -131,8 +131,7 @@ def train_step(state, batch, rng, *, cfg):
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     decay = ema_decay_at(state["step"], t_cfg.ema_decay)
-    ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p,
-                                 state["ema_params"], params)
+    ema = loop.ema_update(state["ema_params"], params, decay)
     new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
                  "ema_params": ema}
     metrics = {"loss": loss, "mse": mse, "grad_norm": optax.global_norm(grads),
