@@ -223,3 +223,46 @@ def read_params(stage_dir: str, *, use_ema: bool = True, step: int | None = None
                               "first") from None
     params = jax.tree_util.tree_map(jax.numpy.asarray, evaluation_params(state, use_ema))
     return params, step, state
+
+
+# --------------------------------------------------------------------------------- exported models
+
+EXPORT_FORMAT = "ldm_jax.export/1"
+
+
+def write_export(path: str, *, family: str, config: dict, variables: dict,
+                 files: dict[str, bytes] | None = None, provenance: dict | None = None):
+    """One portable file (msgpack) holding a trained model: its family, its config, its
+    variables (EMA parameters where the run kept them), any small files it needs (a tokenizer)
+    and where it came from. `read_export` and every family's `load()` read it without a workdir.
+    """
+    from flax import serialization
+
+    payload = {"format": EXPORT_FORMAT, "family": family, "config": json.dumps(config),
+               "variables": jax.tree_util.tree_map(np.asarray, variables),
+               "files": dict(files or {}), "provenance": json.dumps(provenance or {})}
+    paths.write_bytes(path, serialization.msgpack_serialize(payload))
+
+
+def read_export(path: str, family: str | None = None) -> dict:
+    """{"family", "config", "variables" (jax arrays), "files", "provenance"} of an exported
+    model.
+
+    Raises:
+      CheckpointError: PATH is not an exported model (of FAMILY, when given).
+    """
+    from flax import serialization
+
+    try:
+        payload = serialization.msgpack_restore(paths.read_bytes(path))
+    except (OSError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{path} is not an exported ldm_jax model ({e})") from None
+    if not isinstance(payload, dict) or payload.get("format") != EXPORT_FORMAT:
+        raise CheckpointError(f"{path} is not an exported ldm_jax model (format "
+                              f"{EXPORT_FORMAT}); write one with `ldm-jax export`")
+    if family is not None and payload["family"] != family:
+        raise CheckpointError(f"{path} holds a {payload['family']} model, not a {family}")
+    return {"family": payload["family"], "config": json.loads(payload["config"]),
+            "variables": jax.tree_util.tree_map(jax.numpy.asarray, payload["variables"]),
+            "files": dict(payload.get("files") or {}),
+            "provenance": json.loads(payload.get("provenance") or "{}")}

@@ -377,6 +377,13 @@ def cmd_eval_generation(args, cfg):
     _print_json(result, args.json, ldm_seed=stage.get("seed"), eval_seed=e.seed)
 
 
+def cmd_export(args, cfg):
+    from ldm_jax import export
+    summary = export.export(args.stage_dir, args.output, use_ema=not args.raw)
+    print(f"{summary['path']}: the {summary['family']} of {args.stage_dir} at step "
+          f"{summary['step']} ({summary['parameters']:,} parameters)")
+
+
 # ----------------------------------------------------------------------------------- the chain
 
 def cmd_run(args, cfg):
@@ -638,6 +645,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p, workdir=False)
     _add_distributed(p)
     p.set_defaults(func=cmd_codec_import_dac, leader=True)
+
+    p = sub.add_parser("export", help="a trained stage as one portable model file",
+                       epilog="ldm_jax.codec.load, ldm_jax.clap.load and ldm_jax.diffusion.load "
+                              "read the file.")
+    p.add_argument("stage_dir", help="a trained stage directory: W/codec, W/clap or W/ldm")
+    p.add_argument("-o", "--output", required=True, help="the model file (.msgpack)")
+    p.add_argument("--raw", action="store_true",
+                   help="the raw parameters instead of their moving average")
+    _add_distributed(p)
+    p.set_defaults(func=cmd_export, leader=True, loads_config=False)
 
     p = sub.add_parser(
         "bench", help="benchmark a stage: step time, compile time, FLOPs, MFU, memory",

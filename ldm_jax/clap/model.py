@@ -518,8 +518,8 @@ def load(source: str, *, rng: jax.Array | None = None) -> tuple[Clap, dict]:
     """The CLAP module and its variables, from a trained directory or a preset.
 
     Args:
-      source: a trained CLAP directory (W/clap) or a workdir W holding one, or a name in
-        `PRESETS` (freshly initialised).
+      source: a trained CLAP directory (W/clap) or a workdir W holding one, a model file from
+        `ldm-jax export` (`.msgpack`), or a name in `PRESETS` (freshly initialised).
       rng: PRNG key for a preset's initialisation (default `PRNGKey(0)`).
 
     Returns:
@@ -529,6 +529,9 @@ def load(source: str, *, rng: jax.Array | None = None) -> tuple[Clap, dict]:
     if source in PRESETS:
         model = make_model(PRESETS[source])
         return model, init_variables(model, jax.random.PRNGKey(0) if rng is None else rng)
+    if source.endswith(".msgpack"):
+        exported = checkpoint.read_export(source, "clap")
+        return make_model(exported["config"]), exported["variables"]
     directory = clap_dir(source)
     cfg = json.loads(paths.read_text(os.path.join(directory, CONFIG_FILE)))
     params, _, _ = checkpoint.read_params(directory)

@@ -15,7 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from ldm_jax import parallel, paths
-from ldm_jax.checkpoint import MODEL_CONFIG, Checkpointer, CheckpointError, read_params
+from ldm_jax.checkpoint import (
+    MODEL_CONFIG,
+    Checkpointer,
+    CheckpointError,
+    read_export,
+    read_params,
+)
 from ldm_jax.codec import losses, quantize
 from ldm_jax.codec.convert import import_dac
 from ldm_jax.codec.model import PRESETS, Codec, CodecConfig, init_variables, make_codec
@@ -94,8 +100,8 @@ def load(source: str, *, rng: jax.Array | None = None, use_ema: bool = True
 
     Args:
       source: a trained codec directory (`ldm-jax train codec`, `codec import-dac`) or a workdir
-        W holding W/codec; a released DAC `.pth` file (imported without torch); or a name in
-        `PRESETS` (freshly initialised).
+        W holding W/codec; a model file from `ldm-jax export` (`.msgpack`); a released DAC
+        `.pth` file (imported without torch); or a name in `PRESETS` (freshly initialised).
       rng: PRNG key for a preset's initialisation (default `PRNGKey(0)`).
       use_ema: a trained codec's EMA parameters where it has them.
 
@@ -111,6 +117,9 @@ def load(source: str, *, rng: jax.Array | None = None, use_ema: bool = True
     if source.endswith((".pth", ".pt")):
         config, params = import_dac(source)
         return make_codec(config), {"params": params}
+    if source.endswith(".msgpack"):
+        exported = read_export(source, "codec")
+        return make_codec(exported["config"]["model"]), exported["variables"]
     try:
         loaded = load_trained(source, use_ema=use_ema)
     except CheckpointError:

@@ -61,7 +61,8 @@ def load(source: str, *, rng: jax.Array | None = None, use_ema: bool = True
 
     Args:
       source: a trained LDM stage directory (W/ldm) or a workdir W holding one (its EMA
-        parameters), or a name in `unet.PRESETS` (freshly initialised).
+        parameters), a model file from `ldm-jax export` (`.msgpack`), or a name in
+        `unet.PRESETS` (freshly initialised).
       rng: PRNG key for a preset's initialisation (default `PRNGKey(0)`).
       use_ema: a trained model's EMA parameters (else its raw parameters).
 
@@ -71,6 +72,9 @@ def load(source: str, *, rng: jax.Array | None = None, use_ema: bool = True
     if source in PRESETS:
         model = make_unet(PRESETS[source])
         return model, init_variables(model, jax.random.PRNGKey(0) if rng is None else rng)
+    if source.endswith(".msgpack"):
+        exported = checkpoint.read_export(source, "ldm")
+        return make_unet(exported["config"]["model"]), exported["variables"]
     try:
         directory = ldm_dir(source)
     except DiffusionError:

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from ldm_jax import checkpoint, parallel, workdir
 from ldm_jax import config as config_lib
-from ldm_jax import parallel, workdir
 from ldm_jax.checkpoint import Checkpointer
 from ldm_jax.clap import model as clap_model
 from ldm_jax.clap.text import Tokenizer
@@ -328,3 +328,29 @@ def test_seconds_defaults_to_the_training_length(chain):
         m.setattr(gen, "default_seconds", SECONDS)
         audio = gen.generate(["a prompt"], steps=STEPS)
     assert audio.shape == (1, round(SECONDS * SR))
+
+
+def test_export_writes_one_file_that_each_familys_load_reads(chain, tmp_path, capsys):
+    from ldm_jax import cli
+    from ldm_jax.clap import load as load_clap
+    from ldm_jax.codec import load as load_codec
+    from ldm_jax.diffusion import load as load_unet
+
+    w, gen = chain
+    for stage, load in (("codec", load_codec), ("clap", load_clap), ("ldm", load_unet)):
+        out = str(tmp_path / f"{stage}.msgpack")
+        assert cli.main(["export", os.path.join(w, stage), "-o", out]) == 0
+        assert f"the {stage} of" in capsys.readouterr().out
+        model, variables = load(out)
+        trained_model, trained = load(w)  # the same stage read from the workdir
+        assert type(model) is type(trained_model)
+        same = jax.tree_util.tree_map(lambda a, b: bool(np.array_equal(a, b)), variables, trained)
+        assert all(jax.tree_util.tree_leaves(same)) and set(variables) == set(trained)
+    exported = checkpoint.read_export(str(tmp_path / "ldm.msgpack"))
+    assert exported["provenance"]["step"] == gen.step and exported["provenance"]["ema"]
+    assert "latent_stats.json" in exported["files"]
+    with pytest.raises(checkpoint.CheckpointError, match="holds a ldm model, not a codec"):
+        load_codec(str(tmp_path / "ldm.msgpack"))
+    assert cli.main(["export", os.path.join(w, "ldm"), "-o", str(tmp_path / "x.bin")]) == 2
+    assert cli.main(["export", str(tmp_path), "-o", str(tmp_path / "y.msgpack")]) == 2
+    assert "not a trained stage directory" in capsys.readouterr().err
