@@ -12,7 +12,12 @@ embedding (`pooled_dim`) condition it; `latent_channels` must equal the codec's 
 import ml_collections
 
 from experiments import common
-from ldm_jax.diffusion.config import DiffusionConfig, TrainConfig
+from ldm_jax.diffusion.config import (
+    DiffusionConfig,
+    EvalConfig,
+    GenerationConfig,
+    TrainConfig,
+)
 from ldm_jax.diffusion.unet import PRESETS
 
 
@@ -26,16 +31,14 @@ def get_config(arg=None):
     c.diffusion = DiffusionConfig.config()
     c.train = TrainConfig.config(steps=200_000, batch_size=256, warmup=5000, weight_decay=0.01,
                                  ema_decay=0.9999)
-    c.generation = ml_collections.ConfigDict(dict(
+    c.generation = GenerationConfig.config(
         prompts=("An upbeat electronic track with a driving bassline.",
                  "A calm solo piano piece in A minor.",
                  "A string quartet playing a slow, melancholic melody.",
                  "Energetic rock drums with distorted electric guitars."),
-        seconds=10.0, steps=100, sampler="dpmpp_2m", cfg_scale=3.5, seed=0, negative_prompt="",
-        media_steps=50, batch_size=16))
-    c.eval = ml_collections.ConfigDict(dict(
-        num_prompts=512, seconds=10.0, steps=100, sampler="dpmpp_2m", cfg_scale=3.5, seed=0,
-        batch_size=16))
+        seconds=10.0, steps=100, cfg_scale=3.5, media_steps=50, batch_size=16)
+    c.eval = EvalConfig.config(num_prompts=512, seconds=10.0, steps=100, cfg_scale=3.5,
+                               batch_size=16)
     c.mesh = common.mesh(data=-1, fsdp=1, tensor=1)
     c.checkpoint = common.checkpoint(every_steps=5000, keep=3)
     c.log = common.log(every_steps=100, audio_every_steps=5000)

@@ -9,7 +9,12 @@ parameters. `model.latent_channels` matches `codec_tiny:vae` (latent_dim 16) and
 import ml_collections
 
 from experiments import common
-from ldm_jax.diffusion.config import DiffusionConfig, TrainConfig
+from ldm_jax.diffusion.config import (
+    DiffusionConfig,
+    EvalConfig,
+    GenerationConfig,
+    TrainConfig,
+)
 from ldm_jax.diffusion.unet import PRESETS
 
 # Samples written after training (the first two are also drawn for TensorBoard during it).
@@ -32,12 +37,8 @@ def get_config(arg=None):
     c.model = PRESETS["ldm_tiny"].to_config_dict()
     c.diffusion = DiffusionConfig.config()
     c.train = TrainConfig.config(lr=2e-4, warmup=100, weight_decay=0.01)
-    c.generation = ml_collections.ConfigDict(dict(
-        prompts=PROMPTS, seconds=2.0, steps=50, sampler="dpmpp_2m", cfg_scale=3.0, seed=0,
-        negative_prompt="", media_steps=25, batch_size=8))
-    c.eval = ml_collections.ConfigDict(dict(
-        num_prompts=32, seconds=2.0, steps=50, sampler="dpmpp_2m", cfg_scale=3.0, seed=0,
-        batch_size=8))
+    c.generation = GenerationConfig.config(prompts=PROMPTS, seconds=2.0)
+    c.eval = EvalConfig.config(seconds=2.0)
     c.mesh = common.mesh()
     c.checkpoint = common.checkpoint(every_steps=500)
     c.log = common.log(every_steps=25, audio_every_steps=500)

@@ -380,11 +380,10 @@ def _samples_done(cfg, workdir):
 
 def _samples_run(cfg, workdir):
     from ldm_jax.diffusion import generate
-    g = cfg.ldm.generation
-    index = generate.write_samples(
-        workdir, list(g.prompts), seconds=g.seconds, seed=g.seed, steps=g.steps,
-        sampler=g.sampler, cfg_scale=g.cfg_scale, negative_prompt=g.negative_prompt or None,
-        generator=generate.get_generator(workdir, int(g.get("batch_size", 8))))
+    from ldm_jax.diffusion.config import generation_config
+    g = generation_config(cfg.ldm)
+    index = generate.write_samples(workdir, list(g.prompts), **g.sampling(),
+                                   generator=generate.get_generator(workdir, g.batch_size))
     return {"samples": len(index)}
 
 
@@ -394,12 +393,12 @@ def _generation_eval_done(cfg, workdir):
 
 def _generation_eval_run(cfg, workdir):
     from ldm_jax.diffusion import evaluate as generation
-    e = cfg.ldm.eval
+    from ldm_jax.diffusion.config import eval_config
+    e = eval_config(cfg.ldm)
     out = os.path.join(workdir, "samples", "eval.json")
     result = generation.evaluate_generation(
-        workdir, os.path.join(workdir, "latents"), num_prompts=e.num_prompts,
-        seconds=e.seconds, steps=e.steps, sampler=e.sampler, cfg_scale=e.cfg_scale,
-        seed=e.seed, batch_size=e.batch_size, out_path=out)
+        workdir, os.path.join(workdir, "latents"), num_prompts=e.num_prompts, **e.sampling(),
+        batch_size=e.batch_size, out_path=out)
     keys = ("fd_clap", "untrained/fd_clap", "clap_score", "generated/key_accuracy",
             "generated/tempo_accuracy", "chance/key_accuracy", "chance/tempo_accuracy",
             "shuffled/key_accuracy", "p_value/key_accuracy", "shuffled/tempo_accuracy",

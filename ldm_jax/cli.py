@@ -335,6 +335,7 @@ def cmd_latents_encode(args, cfg):
 def cmd_generate(args, cfg):
     from ldm_jax.audio import io as audio_io
     from ldm_jax.diffusion import generate
+    from ldm_jax.diffusion.config import generation_config
     workdir = _require_workdir(args)
     prompts = list(args.prompt or [])
     if args.prompts_file:
@@ -348,10 +349,15 @@ def cmd_generate(args, cfg):
         init, _ = audio_io.read_audio(args.init_audio, sample_rate=gen.sample_rate)
     if args.inpaint_audio:
         inpaint, _ = audio_io.read_audio(args.inpaint_audio, sample_rate=gen.sample_rate)
-    sampler = "dpmpp_2m" if args.sampler == "dpmpp" else args.sampler
+    # Options not given on the command line: the trained run's own `generation` section.
+    g = generation_config(gen.cfg)
+    sampler = "dpmpp_2m" if args.sampler == "dpmpp" else (args.sampler or g.sampler)
+    seed = g.seed if args.seed is None else args.seed
     audio = gen.generate_shared(
-        prompts, seconds=args.seconds, steps=args.steps, sampler=sampler, cfg_scale=args.cfg,
-        negative_prompt=args.negative_prompt, seed=[args.seed + i for i in range(len(prompts))],
+        prompts, seconds=args.seconds, steps=args.steps or g.steps, sampler=sampler,
+        cfg_scale=g.cfg_scale if args.cfg is None else args.cfg,
+        negative_prompt=args.negative_prompt or g.negative_prompt or None,
+        seed=[seed + i for i in range(len(prompts))],
         init_audio=None if init is None else [init[:, 0]] * len(prompts), strength=args.strength,
         inpaint_audio=None if inpaint is None else [inpaint[:, 0]] * len(prompts),
         inpaint_start=args.inpaint_start, inpaint_end=args.inpaint_end, progress=True)
@@ -367,13 +373,13 @@ def cmd_generate(args, cfg):
 def cmd_eval_generation(args, cfg):
     from ldm_jax.diffusion import evaluate as generation
     workdir = _require_workdir(args)
+    from ldm_jax.diffusion.config import eval_config
     stage = stage_config(cfg, "ldm")
-    e = stage.eval
+    e = eval_config(stage)
+    e = e.replace(num_prompts=args.num_prompts or e.num_prompts, steps=args.steps or e.steps)
     result = generation.evaluate_generation(
-        workdir, args.data or os.path.join(workdir, "latents"),
-        num_prompts=args.num_prompts or e.num_prompts, seconds=e.seconds,
-        steps=args.steps or e.steps, sampler=e.sampler, cfg_scale=e.cfg_scale, seed=e.seed,
-        batch_size=e.batch_size, untrained=not args.no_untrained)
+        workdir, args.data or os.path.join(workdir, "latents"), num_prompts=e.num_prompts,
+        **e.sampling(), batch_size=e.batch_size, untrained=not args.no_untrained)
     _print_json(result, args.json, ldm_seed=stage.get("seed"), eval_seed=e.seed)
 
 
@@ -567,12 +573,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=POSITIVE, default=None,
                    help="clip length (default: the length the U-Net was trained on, or that of "
                         "--init-audio / --inpaint-audio)")
-    p.add_argument("--steps", type=POSITIVE_INT, default=50)
-    p.add_argument("--sampler", default="dpmpp_2m",
-                   choices=("ddpm", "ddim", "dpmpp_2m", "dpmpp", "euler"))
-    p.add_argument("--cfg", type=FINITE, default=3.0, help="classifier-free guidance scale")
+    p.add_argument("--steps", type=POSITIVE_INT, default=None,
+                   help="sampler steps (default: the run's generation.steps)")
+    p.add_argument("--sampler", default=None,
+                   choices=("ddpm", "ddim", "dpmpp_2m", "dpmpp", "euler"),
+                   help="(default: the run's generation.sampler)")
+    p.add_argument("--cfg", type=FINITE, default=None,
+                   help="classifier-free guidance scale (default: the run's "
+                        "generation.cfg_scale)")
     p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--seed", type=COUNT, default=0)
+    p.add_argument("--seed", type=COUNT, default=None,
+                   help="prompt i uses seed + i (default: the run's generation.seed)")
     p.add_argument("--init-audio", default=None, help="audio-to-audio: the clip to vary")
     p.add_argument("--strength", type=FRACTION, default=0.6)
     p.add_argument("--inpaint-audio", default=None, help="the clip to inpaint")

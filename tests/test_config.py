@@ -165,3 +165,25 @@ def test_layout_places_data_and_tokenizer_where_the_config_or_command_says(tmp_p
     w = workdir.layout(cfg, str(tmp_path), tokenizer="/t/spm.model", latents=str(tmp_path / "z"))
     assert w.data_dir == str(tmp_path / "shared") and w.tokenizer == "/t/spm.model"
     assert w.stage("latents") == str(tmp_path / "z") and w.stage("clap") == str(tmp_path / "clap")
+
+
+def test_one_sampling_options_type_for_samples_evaluation_and_generate():
+    from ldm_jax.diffusion.config import (
+        EvalConfig,
+        GenerationConfig,
+        eval_config,
+        generation_config,
+    )
+    from ldm_jax.diffusion.schedules import DiffusionError
+
+    ldm = config_lib.get_config("tiny").ldm
+    g, e = generation_config(ldm), eval_config(ldm)
+    assert g.sampling() == {"seconds": 2.0, "steps": 25, "sampler": "dpmpp_2m",
+                            "cfg_scale": 3.0, "seed": 0, "negative_prompt": None}
+    assert e.num_prompts == 64 and "negative_prompt" not in e.sampling()
+    with pytest.raises(DiffusionError, match="unknown sampler 'heun'"):
+        GenerationConfig.from_dict({"sampler": "heun"})
+    with pytest.raises(DiffusionError, match="eval.seconds=-1.0 must be positive"):
+        EvalConfig.from_dict({"seconds": -1})
+    with pytest.raises(DiffusionError, match=r"unknown generation eval config keys \['prompts'\]"):
+        EvalConfig.from_dict({"prompts": ["x"]})

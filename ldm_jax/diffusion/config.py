@@ -86,6 +86,63 @@ class TrainConfig(Section):
             raise DiffusionError(f"train.ema_decay={self.ema_decay} must be in [0, 1]")
 
 
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig(Section):
+    """How audio is sampled from a trained LDM: the options every generating path shares
+    (`Generator.generate`, the samples, the evaluation, TensorBoard media, `ldm-jax generate`).
+    """
+
+    LABEL: ClassVar[str] = "sampling config"
+    ERROR: ClassVar[type[Exception]] = DiffusionError
+
+    seconds: float | None = None  # None: the training crop (`data.crop_seconds`)
+    steps: int = 50
+    sampler: str = "dpmpp_2m"  # "ddim", "euler", "ddpm"
+    cfg_scale: float = 3.0  # classifier-free guidance; 1 is the conditional model alone
+    seed: int = 0  # prompt i starts from the noise of seed + i
+    batch_size: int = 8  # prompts sampled together
+
+    def __post_init__(self):
+        from ldm_jax.diffusion.samplers import canonical_sampler
+
+        canonical_sampler(self.sampler)
+        if self.seconds is not None and not self.seconds > 0:
+            raise DiffusionError(f"{self.SECTION}.seconds={self.seconds} must be positive")
+        if self.steps < 1 or self.batch_size < 1 or self.seed < 0:
+            raise DiffusionError(f"{self.SECTION}.steps and batch_size must be positive and seed "
+                                 ">= 0")
+
+    def sampling(self) -> dict:
+        """The keyword arguments of `Generator.generate` these options set."""
+        return {"seconds": self.seconds, "steps": self.steps, "sampler": self.sampler,
+                "cfg_scale": self.cfg_scale, "seed": self.seed}
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig(SamplingConfig):
+    """The `generation` section: the samples written after training and the TensorBoard media."""
+
+    SECTION: ClassVar[str] = "generation"
+    LABEL: ClassVar[str] = "generation config"
+
+    prompts: tuple[str, ...] = ()
+    negative_prompt: str = ""  # replaces the null condition in the unconditional branch
+    media_steps: int = 25  # sampler steps of the TensorBoard samples during training
+
+    def sampling(self) -> dict:
+        return {**super().sampling(), "negative_prompt": self.negative_prompt or None}
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig(SamplingConfig):
+    """The `eval` section: how the generation evaluation samples its test prompts."""
+
+    SECTION: ClassVar[str] = "eval"
+    LABEL: ClassVar[str] = "generation eval config"
+
+    num_prompts: int = 32
+
+
 def diffusion_config(cfg) -> DiffusionConfig:
     """The `diffusion` section of an experiment config; an unknown key is an error naming it."""
     return DiffusionConfig.from_dict(cfg.get("diffusion", None) or {})
@@ -100,3 +157,13 @@ def schedule_from_config(cfg) -> schedules.Schedule:
     d = diffusion_config(cfg)
     return schedules.make_schedule(d.schedule, d.num_train_timesteps, d.beta_start, d.beta_end,
                                    d.snr_shift)
+
+
+def generation_config(cfg) -> GenerationConfig:
+    """The `generation` section of an LDM experiment config."""
+    return GenerationConfig.from_dict(cfg.get("generation", None) or {})
+
+
+def eval_config(cfg) -> EvalConfig:
+    """The `eval` section of an LDM experiment config."""
+    return EvalConfig.from_dict(cfg.get("eval", None) or {})

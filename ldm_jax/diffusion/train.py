@@ -46,6 +46,7 @@ from ldm_jax.diffusion.config import (
     CONFIG_FILE,
     STATS_FILE,
     diffusion_config,
+    generation_config,
     schedule_from_config,
     train_config,
 )
@@ -189,23 +190,18 @@ def make_task(cfg, clap_model, scale, *, codec=None, media_prompts=None) -> loop
     check_clap(cfg, clap_model)
     diffusion_config(cfg)
     media = None
-    gen_cfg = dict(cfg.get("generation", {}) or {})
-    prompts = list(media_prompts if media_prompts is not None
-                   else gen_cfg.get("prompts", ())[:2])
+    g = generation_config(cfg)
+    prompts = list(media_prompts if media_prompts is not None else g.prompts[:2])
     if codec is not None and prompts and hasattr(scale, "normalize"):
         generator = Generator.from_parts(cfg, None, codec=codec, clap=clap_model, stats=scale)
-        seconds = float(gen_cfg.get("seconds", 2.0))
-        steps = int(gen_cfg.get("media_steps", gen_cfg.get("steps", 25)))
+        options = {**g.sampling(), "steps": g.media_steps}
 
         def media(state):
             # Every host gathers (the arrays may span hosts); process 0 alone writes media.
             generator.params = parallel.host_local(state["ema_params"])
             if not parallel.is_leader():
                 return {}
-            audio = generator.generate(prompts, seconds=seconds, steps=steps,
-                                       sampler=gen_cfg.get("sampler", "dpmpp_2m"),
-                                       cfg_scale=float(gen_cfg.get("cfg_scale", 3.0)),
-                                       seed=int(gen_cfg.get("seed", 0)), progress=False)
+            audio = generator.generate(prompts, **options, progress=False)
             return {f"ldm/sample_{i}": ("audio", a if a.ndim == 1 else a[:, 0],
                                         generator.sample_rate) for i, a in enumerate(audio)}
 
