@@ -80,12 +80,19 @@ def _section_types() -> dict:
     """Config paths whose section is a model package's config dataclass."""
     from ldm_jax.clap.model import ClapConfig
     from ldm_jax.codec.model import CodecConfig
-    from ldm_jax.diffusion.config import DiffusionConfig, TrainConfig
+    from ldm_jax.diffusion.config import (
+        DiffusionConfig,
+        EvalConfig,
+        GenerationConfig,
+        TrainConfig,
+    )
     from ldm_jax.diffusion.unet import UNetConfig
 
     return {("codec", "model"): CodecConfig, ("clap", "model"): ClapConfig,
             ("ldm", "model"): UNetConfig, ("ldm", "diffusion"): DiffusionConfig,
-            ("ldm", "train"): TrainConfig}
+            ("ldm", "train"): TrainConfig, ("ldm", "generation"): GenerationConfig,
+            ("ldm", "eval"): EvalConfig, ("ldm.generation",): GenerationConfig,
+            ("ldm.eval",): EvalConfig}
 
 
 def _with_defaults(recorded: dict) -> dict:
