@@ -332,40 +332,93 @@ def _trained(name):
     return run
 
 
-def _write_eval(path: str, result: dict, **seeds):
-    """An evaluation's JSON with its provenance (commit, versions, devices, seeds); process 0."""
-    from ldm_jax import provenance
-    if _is_leader():
-        paths.write_text(path, json.dumps({**result, "provenance": provenance.record(**seeds)},
-                                          indent=2))
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """An evaluation stage: scores of a trained stage, written as one JSON with its provenance,
+    shown in the report under TITLE, and the summary keys shown in the chain's stage table.
+    A model family adds its evaluations to `evaluations()`; the chain and the report take them
+    from there.
+
+    Attributes:
+      name: the stage name (`codec_eval`).
+      title: the report's heading for its scores.
+      after: the stage it evaluates.
+      section: the config path it depends on.
+      path: its JSON, relative to W.
+      evaluate: `(cfg, workdir) -> scores`, called on every host (work shared by batches).
+      seeds: `cfg -> {name: seed}` recorded in the JSON's provenance.
+      summary: keys of the scores kept in the stage's summary (empty: all of them).
+    """
+
+    name: str
+    title: str
+    after: str
+    section: str
+    path: str
+    evaluate: Callable
+    seeds: Callable
+    summary: tuple[str, ...] = ()
+
+    def stage(self) -> Stage:
+        def done(cfg, workdir):
+            return paths.isfile(os.path.join(workdir, self.path))
+
+        def run(cfg, workdir):
+            from ldm_jax import provenance
+            scores = self.evaluate(cfg, workdir)
+            if _is_leader():
+                record = {**scores, "provenance": provenance.record(**self.seeds(cfg))}
+                paths.write_text(os.path.join(workdir, self.path), json.dumps(record, indent=2))
+            return {k: scores[k] for k in (self.summary or scores) if k in scores}
+
+        return Stage(name=self.name, after=(self.after,), sections=(self.section,), done=done,
+                     run=run, all_hosts=True)
 
 
-def _codec_eval_done(cfg, workdir):
-    return paths.isfile(os.path.join(workdir, "codec", "eval.json"))
-
-
-def _codec_eval_run(cfg, workdir):
+def _codec_scores(cfg, workdir):
     from ldm_jax.codec import inference
     from ldm_jax.data import builders
     loaded = inference.load_trained(os.path.join(workdir, "codec"))
     source = builders.open_split(data_dir(cfg, workdir), cfg.data.name, "test")
     clips = builders.Column(source, "audio", cfg.codec.eval.num_examples)
-    result = inference.evaluate(loaded, clips, batch_size=cfg.codec.eval.batch_size)
-    _write_eval(os.path.join(workdir, "codec", "eval.json"), result, codec_seed=cfg.codec.seed)
-    return result
+    return inference.evaluate(loaded, clips, batch_size=cfg.codec.eval.batch_size)
 
 
-def _clap_eval_done(cfg, workdir):
-    return paths.isfile(os.path.join(workdir, "clap", "eval.json"))
-
-
-def _clap_eval_run(cfg, workdir):
+def _clap_scores(cfg, workdir):
     from ldm_jax.clap import evaluate as clap_eval
-    result = clap_eval.evaluate(None, os.path.join(workdir, "clap"), data_dir(cfg, workdir))
-    _write_eval(os.path.join(workdir, "clap", "eval.json"), result, clap_seed=cfg.clap.seed)
-    keys = ("text_to_audio/recall_at_10", "zero_shot/instrument", "chance/recall_at_10",
-            "chance/zero_shot/instrument")
-    return {k: result[k] for k in keys if k in result}
+    return clap_eval.evaluate(None, os.path.join(workdir, "clap"), data_dir(cfg, workdir))
+
+
+def _generation_scores(cfg, workdir):
+    from ldm_jax.diffusion import evaluate as generation
+    from ldm_jax.diffusion.config import eval_config
+    e = eval_config(cfg.ldm)
+    return generation.evaluate_generation(
+        workdir, os.path.join(workdir, "latents"), num_prompts=e.num_prompts, **e.sampling(),
+        batch_size=e.batch_size)
+
+
+def evaluations() -> list[Evaluation]:
+    """Every evaluation the chain knows."""
+    return [
+        Evaluation(name="codec_eval", title="codec", after="codec", section="codec.eval",
+                   path="codec/eval.json", evaluate=_codec_scores,
+                   seeds=lambda cfg: {"codec_seed": cfg.codec.seed}),
+        Evaluation(name="clap_eval", title="clap", after="clap", section="clap.eval",
+                   path="clap/eval.json", evaluate=_clap_scores,
+                   seeds=lambda cfg: {"clap_seed": cfg.clap.seed},
+                   summary=("text_to_audio/recall_at_10", "zero_shot/instrument",
+                            "chance/recall_at_10", "chance/zero_shot/instrument")),
+        Evaluation(name="generation_eval", title="generation", after="samples",
+                   section="ldm.eval", path="samples/eval.json", evaluate=_generation_scores,
+                   seeds=lambda cfg: {"ldm_seed": cfg.ldm.get("seed"),
+                                      "eval_seed": cfg.ldm.eval.seed},
+                   summary=("fd_clap", "untrained/fd_clap", "clap_score",
+                            "generated/key_accuracy", "generated/tempo_accuracy",
+                            "chance/key_accuracy", "chance/tempo_accuracy",
+                            "shuffled/key_accuracy", "p_value/key_accuracy",
+                            "shuffled/tempo_accuracy", "p_value/tempo_accuracy")),
+    ]
 
 
 def _latents_done(cfg, workdir):
@@ -394,28 +447,9 @@ def _samples_run(cfg, workdir):
     return {"samples": len(index)}
 
 
-def _generation_eval_done(cfg, workdir):
-    return paths.isfile(os.path.join(workdir, "samples", "eval.json"))
-
-
-def _generation_eval_run(cfg, workdir):
-    from ldm_jax.diffusion import evaluate as generation
-    from ldm_jax.diffusion.config import eval_config
-    e = eval_config(cfg.ldm)
-    out = os.path.join(workdir, "samples", "eval.json")
-    result = generation.evaluate_generation(
-        workdir, os.path.join(workdir, "latents"), num_prompts=e.num_prompts, **e.sampling(),
-        batch_size=e.batch_size, out_path=out)
-    keys = ("fd_clap", "untrained/fd_clap", "clap_score", "generated/key_accuracy",
-            "generated/tempo_accuracy", "chance/key_accuracy", "chance/tempo_accuracy",
-            "shuffled/key_accuracy", "p_value/key_accuracy", "shuffled/tempo_accuracy",
-            "p_value/tempo_accuracy")
-    return {k: result[k] for k in keys if k in result}
-
-
 def _report_run(cfg, workdir):
     from ldm_jax.eval import report
-    path = report.write_report(workdir)
+    path = report.write_report(workdir, evals={e.title: e.path for e in evaluations()})
     return {"report": path}
 
 
@@ -426,6 +460,7 @@ def _steps_done(name: str) -> Callable:
 def registry() -> dict[str, Stage]:
     """Every stage the chain knows, by name. A model family adds its stages here and names them
     in its chain experiment's `stages` list."""
+    evals = {e.name: e.stage() for e in evaluations()}
     stages = [
         Stage(name="data", after=(), sections=("data",), done=_data_done, run=_data_run,
               outputs=("data",)),
@@ -434,21 +469,18 @@ def registry() -> dict[str, Stage]:
         Stage(name="codec", after=("data",), sections=("data", "codec"),
               done=_steps_done("codec"), run=_trained("codec"),
               outputs=("codec", "logs/codec"), all_hosts=True),
-        Stage(name="codec_eval", after=("codec",), sections=("codec.eval",),
-              done=_codec_eval_done, run=_codec_eval_run, all_hosts=True),
+        evals["codec_eval"],
         Stage(name="clap", after=("data", "tokenizer"), sections=("data", "tokenizer", "clap"),
               done=_steps_done("clap"), run=_trained("clap"), outputs=("clap", "logs/clap"),
               all_hosts=True),
-        Stage(name="clap_eval", after=("clap",), sections=("clap.eval",), done=_clap_eval_done,
-              run=_clap_eval_run, all_hosts=True),
+        evals["clap_eval"],
         Stage(name="latents", after=("codec",), sections=("data", "codec"), done=_latents_done,
               run=_latents_run, outputs=("latents",), all_hosts=True),
         Stage(name="ldm", after=("latents", "clap"), sections=("ldm",), done=_steps_done("ldm"),
               run=_trained("ldm"), outputs=("ldm", "logs/ldm"), all_hosts=True),
         Stage(name="samples", after=("ldm",), sections=("ldm.generation",), done=_samples_done,
               run=_samples_run, outputs=("samples",), all_hosts=True),
-        Stage(name="generation_eval", after=("samples",), sections=("ldm.eval",),
-              done=_generation_eval_done, run=_generation_eval_run, all_hosts=True),
+        evals["generation_eval"],
         Stage(name="report", after=("codec_eval", "clap_eval", "generation_eval"), sections=(),
               done=lambda cfg, workdir: False, run=_report_run),
     ]

@@ -56,8 +56,14 @@ def _load_json(path: str):
     return None
 
 
-def write_report(workdir: str) -> str:
-    """Writes `W/report.html` from whatever the stages left in W; returns its path."""
+def write_report(workdir: str, evals: dict[str, str] | None = None) -> str:
+    """Writes `W/report.html` from whatever the stages left in W; returns its path.
+
+    Args:
+      workdir: W.
+      evals: {title: JSON path relative to W} of the evaluations to show (default: the codec,
+        CLAP and generation evaluations of the chain).
+    """
     from ldm_jax.loop import read_history
     parts = [f"<h1>ldm_jax experiment</h1><p>{html.escape(paths.resolve(workdir))}</p>"]
     stage_dir = os.path.join(workdir, "stages")
@@ -77,7 +83,7 @@ def write_report(workdir: str) -> str:
             plots.save_curves(png, history, keys, title=f"{name} training")
             parts.append(f'<img src="{_png_uri(png)}" alt="{name} loss curves">')
     made_by = {}
-    for title, rel in EVAL_FILES.items():
+    for title, rel in (EVAL_FILES if evals is None else evals).items():
         values = _load_json(os.path.join(workdir, rel))
         if values:
             made_by[title] = values.pop("provenance", {}).get("commit")
