@@ -50,7 +50,7 @@ def run_seed(source: str, workdir: str, seed: int, overrides: list[str]) -> dict
     env["PYTHONPATH"] = source + os.pathsep + env.get("PYTHONPATH", "")
     argv = [sys.executable, "-m", "ldm_jax.cli", "run", "tiny", "--workdir", workdir]
     argv += [f"--config.{k}={seed}" for k in STAGE_SEEDS] + [f"--config.{o}" for o in overrides]
-    start = time.time()
+    start, load = time.time(), os.getloadavg()[0]
     subprocess.run(argv, cwd=source, env=env, check=True)
     total = time.time() - start
     stages = {}
@@ -61,7 +61,9 @@ def run_seed(source: str, workdir: str, seed: int, overrides: list[str]) -> dict
     for what, path in EVALS.items():
         with open(os.path.join(workdir, path)) as f:
             scores.update(_scalars(json.load(f), what + "/"))
+    # Other work on the host skews the times: the load average before and after the run.
     return {"seed": seed, "wall_seconds": round(total, 1), "stage_seconds": stages,
+            "load_average_1m": [round(load, 2), round(os.getloadavg()[0], 2)],
             "scores": scores}
 
 
