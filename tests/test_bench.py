@@ -228,3 +228,15 @@ def test_peer_errors_are_one_line(monkeypatch, capsys):
     assert cli.main(["bench", "unet", "--peer"]) == 2
     err = capsys.readouterr().err.strip()
     assert "--peer needs PyTorch" in err and "\n" not in err
+
+
+def test_demo_baseline_collects_numeric_scores_and_their_range():
+    from benchmarks import demo_baseline
+
+    scores = demo_baseline._scalars({"fd_clap": 0.7, "n": 3, "ok": True, "name": "x",
+                                     "untrained": {"fd_clap": 1.5},
+                                     "provenance": {"devices": {"count": 1}}}, "generation/")
+    assert scores == {"generation/fd_clap": 0.7, "generation/n": 3,
+                      "generation/untrained/fd_clap": 1.5}
+    runs = [{"scores": {"a": 1.0, "b": 2.0}}, {"scores": {"a": 3.0}}]
+    assert demo_baseline.spread(runs) == {"a": [1.0, 3.0]}
