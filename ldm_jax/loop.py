@@ -21,11 +21,13 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
 from ldm_jax import parallel, paths
 from ldm_jax.checkpoint import Checkpointer, CheckpointError
+from ldm_jax.config import ConfigError
 
 METRICS_FILE = "metrics.jsonl"
 # How often logs of a remote workdir are copied up (and at the end of a run): objects are
@@ -54,6 +56,11 @@ class Task:
       Both are called on every host with the global state, whose arrays may span hosts: they
       read them through `parallel.host_local` and share their work with `parallel.map_batches`.
       loss_key: the metric that must stay finite.
+      grads, apply: the step split for gradient accumulation (`accumulating_step`):
+        `grads(state, batch, rng, (i, k)) -> (grads, metrics)` on the rows i::k of a batch k
+        times as large, with the randomness those rows get in it, and
+        `apply(state, grads, metrics) -> (state, metrics)` from the mean gradients. A task
+        without them trains with `grad_accum_steps=1` only.
     """
 
     name: str
@@ -64,6 +71,54 @@ class Task:
     evaluate: Callable[[Any], dict] | None = None
     media: Callable[[Any], dict] | None = None
     loss_key: str = "loss"
+    grads: Callable | None = None
+    apply: Callable | None = None
+
+
+def micro_rows(x: jax.Array, i, k: int) -> jax.Array:
+    """Rows i, i + k, i + 2k, ... of X (micro-batch i of k; `i` may be traced)."""
+    return jax.lax.dynamic_index_in_dim(x.reshape((x.shape[0] // k, k) + x.shape[1:]), i,
+                                        axis=1, keepdims=False)
+
+
+def accumulating_step(task: Task, k: int) -> Callable:
+    """`task.step` as k micro-batches of interleaved rows (i::k), one after another in a
+    `lax.scan`: their gradients and metrics are averaged and one update is applied. It equals
+    the whole batch's step (up to float summation order) with about 1/k of its activation
+    memory. k = 1 is `task.step` itself.
+
+    Raises:
+      ConfigError: the task cannot split its step (`Task.grads` / `Task.apply`).
+    """
+    if k == 1:
+        return task.step
+    if task.grads is None or task.apply is None:
+        raise ConfigError(f"{task.name} cannot split a step into micro-batches "
+                         f"(train.grad_accum_steps={k}); use grad_accum_steps=1")
+
+    def step(state, batch, rng):
+        rows = {int(x.shape[0]) for x in jax.tree_util.tree_leaves(batch)}
+        if any(n % k for n in rows):
+            raise ConfigError(f"{task.name}: a batch of {sorted(rows)} rows does not split into "
+                             f"train.grad_accum_steps={k} micro-batches")
+        micro = jax.tree_util.tree_map(
+            lambda x: jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1), batch)
+        first = jax.tree_util.tree_map(lambda x: x[0], micro)
+        shapes = jax.eval_shape(lambda: task.grads(state, first, rng, (0, k)))
+        zeros = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, jnp.float32), shapes)
+
+        def body(total, xs):
+            i, part = xs
+            out = task.grads(state, part, rng, (i, k))
+            return jax.tree_util.tree_map(lambda a, b: a + b.astype(jnp.float32), total,
+                                          out), None
+
+        (grads, metrics), _ = jax.lax.scan(body, zeros, (jnp.arange(k), micro))
+        grads = jax.tree_util.tree_map(lambda g, a: (g / k).astype(a.dtype), grads, shapes[0])
+        metrics = jax.tree_util.tree_map(lambda m: m / k, metrics)
+        return task.apply(state, grads, metrics)
+
+    return step
 
 
 def ema_update(ema, params, decay):
@@ -240,7 +295,7 @@ def initial_state(task: Task, rng, mesh, checkpointer: Checkpointer, *, resume_f
 
 def train(task: Task, data_iterator: Iterator[dict], *, workdir: str, num_steps: int,
           seed: int = 0, mesh=None, checkpoint_cfg=None, log_cfg=None, eval_every: int = 0,
-          logdir: str | None = None) -> TrainResult:
+          logdir: str | None = None, grad_accum_steps: int = 1) -> TrainResult:
     """Runs (or resumes) training of one stage until `num_steps`.
 
     Args:
@@ -254,6 +309,7 @@ def train(task: Task, data_iterator: Iterator[dict], *, workdir: str, num_steps:
       log_cfg: `every_steps`, `audio_every_steps`, `progress`.
       eval_every: evaluation period in steps (0: only at the end).
       logdir: TensorBoard directory (none when empty).
+      grad_accum_steps: micro-batches per step (`accumulating_step`).
 
     Returns:
       TrainResult with the final state, step and the logged history.
@@ -262,6 +318,7 @@ def train(task: Task, data_iterator: Iterator[dict], *, workdir: str, num_steps:
       NonFiniteLoss: the loss became NaN/Inf; nothing after the last good checkpoint is saved.
     """
     mesh = mesh if mesh is not None else parallel.make_mesh()
+    step_fn = accumulating_step(task, int(grad_accum_steps))
     ck = dict(every_steps=500, keep=2, resume_from="", init_from="")
     ck.update(dict(checkpoint_cfg or {}))
     lg = dict(every_steps=50, audio_every_steps=0, progress=True)
@@ -310,7 +367,7 @@ def train(task: Task, data_iterator: Iterator[dict], *, workdir: str, num_steps:
                 host_batch = task.prepare(next(data_iterator))
                 batch = parallel.global_batch(mesh, host_batch)
                 if jitted is None:
-                    jitted = jax.jit(task.step, donate_argnums=(0,),
+                    jitted = jax.jit(step_fn, donate_argnums=(0,),
                                      in_shardings=(shardings, parallel.batch_shardings(mesh, batch),
                                                    parallel.replicated(mesh)),
                                      out_shardings=(shardings, parallel.replicated(mesh)))

@@ -9,6 +9,7 @@ import pytest
 
 from ldm_jax import loop, parallel
 from ldm_jax.checkpoint import CheckpointError
+from ldm_jax.config import ConfigError
 
 DIM = 16
 
@@ -86,3 +87,45 @@ def test_sharded_steps_equal_single_device(tmp_path):
                                                                 "tensor": 1}))
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                            params_of(one), params_of(eight))
+
+
+def make_split_task(lr=0.2):
+    """The toy task with its step split into gradients of a part of the batch and an update."""
+    tx = optax.adam(lr)
+    base = make_task(lr)
+
+    def grads(state, batch, rng, part=(0, 1)):
+        i, k = part
+        rng = jax.random.fold_in(rng, state["step"])
+        shape = (batch["y"].shape[0] * k,) + batch["y"].shape[1:]
+        noise = 0.01 * jax.random.normal(rng, shape)
+        noise = loop.micro_rows(noise, i, k) if k > 1 else noise
+
+        def loss_fn(p):
+            return jnp.mean((batch["x"] @ p["w"] + p["b"] - batch["y"] - noise) ** 2)
+
+        loss, g = jax.value_and_grad(loss_fn)(state["params"])
+        return g, {"loss": loss}
+
+    def apply(state, g, metrics):
+        updates, opt_state = tx.update(g, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+
+    def step(state, batch, rng):
+        return apply(state, *grads(state, batch, rng))
+
+    return loop.Task(name="toy", init=base.init, step=step, model_config=base.model_config,
+                     grads=grads, apply=apply)
+
+
+def test_the_loop_accumulates_gradients_over_micro_batches(tmp_path):
+    whole = run(tmp_path / "a", 5, task=make_split_task())
+    accumulated = run(tmp_path / "b", 5, task=make_split_task(), grad_accum_steps=4)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6),
+                           params_of(whole), params_of(accumulated))
+    losses = [[r["train/loss"] for r in x.history if "train/loss" in r]
+              for x in (whole, accumulated)]
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
+    with pytest.raises(ConfigError, match="toy cannot split a step into micro-batches"):
+        run(tmp_path / "c", 2, grad_accum_steps=2)

@@ -63,6 +63,7 @@ class TrainConfig(Section):
 
     steps: int = 2000
     batch_size: int = 16
+    grad_accum_steps: int = 1  # micro-batches per step: 1/k of the activation memory
     lr: float = 1e-4
     warmup: int = 0
     lr_schedule: str = "constant"  # or "cosine"
@@ -82,6 +83,9 @@ class TrainConfig(Section):
         if self.steps < 0 or self.batch_size < 1 or self.warmup < 0:
             raise DiffusionError("train.steps and train.warmup must be >= 0 and "
                                  "train.batch_size >= 1")
+        if self.grad_accum_steps < 1 or self.batch_size % self.grad_accum_steps:
+            raise DiffusionError(f"train.grad_accum_steps={self.grad_accum_steps} must be >= 1 "
+                                 f"and divide train.batch_size={self.batch_size}")
         if not 0.0 <= self.ema_decay <= 1.0:
             raise DiffusionError(f"train.ema_decay={self.ema_decay} must be in [0, 1]")
 

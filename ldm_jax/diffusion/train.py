@@ -87,33 +87,39 @@ def ema_decay_at(step, decay: float):
     return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
-def train_step(state, batch, rng, *, cfg):
-    """One AdamW step on the diffusion loss.
+def loss_grads(state, batch, rng, part=(0, 1), *, cfg):
+    """The diffusion loss's gradients on a batch, or on part (i, k) of one: the rows i::k of a
+    batch of k times its size, with the random draws (timesteps, noise, condition dropout) that
+    those rows get in the whole batch, so that k parts averaged are the whole batch's step.
 
     Args:
       state: from `init_state`.
       batch: {"latents": [B, T, D] scaled latents, "latents_mask": bool [B, T],
         "context": [B, L, C], "context_mask": bool [B, L], "pooled": [B, E]}.
       rng: base key, folded with the step.
+      part: (i, k): which of k interleaved micro-batches BATCH is (`loop.accumulating_step`).
 
     Returns:
-      (new state, metrics): loss (weighted), mse (unweighted), grad_norm, lr, cond_drop (share
-      of the batch trained unconditionally).
+      (grads, metrics): loss (weighted), mse (unweighted), cond_drop (share of the batch
+      trained unconditionally).
     """
-    d, t_cfg = diffusion_config(cfg), train_config(cfg)
+    i, k = part
+    d = diffusion_config(cfg)
     unet = make_unet(cfg.model)
     schedule = schedule_from_config(cfg)
-    tx, lr_fn = make_optimizer(cfg)
     rng = jax.random.fold_in(rng, state["step"])
     r_t, r_noise, r_drop, r_dropout = jax.random.split(rng, 4)
     x0 = batch["latents"].astype(jnp.float32)
     valid = batch["latents_mask"].astype(jnp.float32)
-    b = x0.shape[0]
+    b = x0.shape[0] * k
     t = jax.random.randint(r_t, (b,), 0, schedule.num_train_timesteps)
-    noise = jax.random.normal(r_noise, x0.shape, jnp.float32)
+    noise = jax.random.normal(r_noise, (b,) + x0.shape[1:], jnp.float32)
+    keep = jax.random.uniform(r_drop, (b,)) >= d.cond_drop
+    if k > 1:
+        t, noise, keep = (loop.micro_rows(v, i, k) for v in (t, noise, keep))
+        r_dropout = jax.random.fold_in(r_dropout, i)
     x_t = schedules.add_noise(schedule, x0, noise, t)
     target = schedules.target(schedule, d.objective, x0, noise, t)
-    keep = jax.random.uniform(r_drop, (b,)) >= d.cond_drop
     context = jnp.where(keep[:, None, None], batch["context"], 0.0)
     context_mask = batch["context_mask"] & keep[:, None]
     pooled = jnp.where(keep[:, None], batch["pooled"], 0.0)
@@ -129,15 +135,31 @@ def train_step(state, batch, rng, *, cfg):
         return jnp.mean(weight * per_example), jnp.mean(per_example)
 
     (loss, mse), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    return grads, {"loss": loss, "mse": mse,
+                   "cond_drop": 1.0 - jnp.mean(keep.astype(jnp.float32))}
+
+
+def apply_update(state, grads, metrics, *, cfg):
+    """One AdamW step from the (mean) gradients, and the EMA; adds grad_norm and lr."""
+    tx, lr_fn = make_optimizer(cfg)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    decay = ema_decay_at(state["step"], t_cfg.ema_decay)
+    decay = ema_decay_at(state["step"], train_config(cfg).ema_decay)
     ema = loop.ema_update(state["ema_params"], params, decay)
     new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
                  "ema_params": ema}
-    metrics = {"loss": loss, "mse": mse, "grad_norm": optax.global_norm(grads),
-               "lr": lr_fn(state["step"]), "cond_drop": 1.0 - jnp.mean(keep.astype(jnp.float32))}
-    return new_state, metrics
+    return new_state, {**metrics, "grad_norm": optax.global_norm(grads),
+                       "lr": lr_fn(state["step"])}
+
+
+def train_step(state, batch, rng, *, cfg):
+    """One AdamW step on the diffusion loss (`loss_grads` then `apply_update`).
+
+    Returns:
+      (new state, metrics): loss (weighted), mse (unweighted), grad_norm, lr, cond_drop.
+    """
+    grads, metrics = loss_grads(state, batch, rng, cfg=cfg)
+    return apply_update(state, grads, metrics, cfg=cfg)
 
 
 class Prepare:
@@ -207,6 +229,8 @@ def make_task(cfg, clap_model, scale, *, codec=None, media_prompts=None) -> loop
 
     return loop.Task(name="ldm", init=functools.partial(init_state, cfg),
                      step=functools.partial(train_step, cfg=cfg),
+                     grads=functools.partial(loss_grads, cfg=cfg),
+                     apply=functools.partial(apply_update, cfg=cfg),
                      model_config=cfg.model.to_dict(), prepare=Prepare(cfg, clap_model, scale),
                      media=media)
 
@@ -270,5 +294,6 @@ def train(cfg, layout) -> loop.TrainResult:
     task = make_task(cfg, clap_model, stats, codec=codec)
     save_run_files(cfg, stage_dir, stats, latent)
     return loop.train(task, iterator, workdir=stage_dir, num_steps=int(cfg.train.steps),
+                      grad_accum_steps=train_config(cfg).grad_accum_steps,
                       seed=int(cfg.get("seed", 0)), mesh=mesh, checkpoint_cfg=cfg.checkpoint,
                       log_cfg=cfg.log, logdir=layout.logs("ldm"))

@@ -3,6 +3,7 @@
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -11,6 +12,7 @@ from ldm_jax import loop, parallel
 from ldm_jax.checkpoint import Checkpointer
 from ldm_jax.clap import model as clap_model
 from ldm_jax.clap.text import Tokenizer
+from ldm_jax.config import ConfigError
 from ldm_jax.data.latents import LatentStats
 from ldm_jax.diffusion import conditioning
 from ldm_jax.diffusion import config as diffusion_sections
@@ -229,3 +231,25 @@ def test_optimizer_warms_up_and_ema_decay_warms_up():
     with pytest.raises(DiffusionError, match="unknown diffusion config"):
         diffusion_sections.diffusion_config({"diffusion": {"objectve": "v"}})
 
+
+
+def test_gradient_accumulation_equals_the_large_batch_step(setup):
+    """train.grad_accum_steps: k micro-batches of interleaved rows, one update: the whole
+    batch's step up to float summation order; and refused where the batch does not split."""
+    _, _, task = setup
+    state = random_state(jax.eval_shape(task.init, jax.random.key(0)))
+    batch = jax.tree_util.tree_map(jnp.asarray, task.prepare(host_batch(0)))
+    rng = jax.random.key(3)
+    whole, metrics = jax.jit(task.step)(state, batch, rng)
+    for k in (2, 4):
+        parts, part_metrics = jax.jit(loop.accumulating_step(task, k))(state, batch, rng)
+        for name in ("params", "ema_params"):
+            jax.tree_util.tree_map(
+                lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6),
+                jax.device_get(whole[name]), jax.device_get(parts[name]))
+        for key in ("loss", "mse", "cond_drop", "grad_norm", "lr"):
+            np.testing.assert_allclose(part_metrics[key], metrics[key], rtol=1e-5, err_msg=key)
+    with pytest.raises(ConfigError, match="does not split into train.grad_accum_steps=3"):
+        jax.jit(loop.accumulating_step(task, 3))(state, batch, rng)
+    with pytest.raises(DiffusionError, match="must be >= 1 and divide train.batch_size"):
+        ldm_train.train_config(ldm_config("train.grad_accum_steps=3"))
