@@ -412,11 +412,18 @@ class ClapModel:
     @classmethod
     def load(cls, workdir: str, step: int | None = None, batch_size: int = 64) -> ClapModel:
         """Loads `workdir/config.json`, `workdir/tokenizer.model` and the latest checkpoint (read
-        on this host alone: any subset of hosts may load it).
+        on this host alone: any subset of hosts may load it), or a model file from
+        `ldm-jax export` (`.msgpack`).
 
         Raises:
           ClapError: the directory holds no trained CLAP model.
         """
+        if workdir.endswith(".msgpack"):  # a model file from `ldm-jax export`
+            exported = checkpoint.read_export(workdir, "clap")
+            return cls(ml_collections.ConfigDict(exported["config"]),
+                       exported["variables"]["params"],
+                       Tokenizer(bytes(exported["files"][TOKENIZER_FILE])),
+                       batch_size=batch_size, step=exported["provenance"].get("step"))
         path = os.path.join(workdir, CONFIG_FILE)
         if not paths.isfile(path):
             raise ClapError(f"no CLAP model in {workdir} (missing {CONFIG_FILE}); run "

@@ -346,6 +346,9 @@ def test_export_writes_one_file_that_each_familys_load_reads(chain, tmp_path, ca
         assert type(model) is type(trained_model)
         same = jax.tree_util.tree_map(lambda a, b: bool(np.array_equal(a, b)), variables, trained)
         assert all(jax.tree_util.tree_leaves(same)) and set(variables) == set(trained)
+    clap = clap_model.ClapModel.load(str(tmp_path / "clap.msgpack"), batch_size=4)
+    np.testing.assert_allclose(clap.embed_text(CAPTIONS), gen.clap.embed_text(CAPTIONS),
+                               rtol=1e-5, atol=1e-6)  # with its own tokenizer
     exported = checkpoint.read_export(str(tmp_path / "ldm.msgpack"))
     assert exported["provenance"]["step"] == gen.step and exported["provenance"]["ema"]
     assert "latent_stats.json" in exported["files"]
