@@ -32,7 +32,9 @@ def _git(*args: str) -> str | None:
 def commit() -> dict:
     """{"commit": the checkout's HEAD (None outside a git checkout), "dirty": tracked files
     differ from it}."""
-    head = _git("rev-parse", "HEAD")
+    top = _git("rev-parse", "--show-toplevel")
+    # Only this project's own checkout counts (not a repository it is installed inside).
+    head = _git("rev-parse", "HEAD") if top and os.path.samefile(top, REPO) else None
     dirty = bool(_git("status", "--porcelain", "--untracked-files=no")) if head else None
     return {"commit": head, "dirty": dirty}
 

@@ -1,6 +1,7 @@
 """Provenance: what made an output (commit, versions, devices, seeds)."""
 
 import json
+import os
 import subprocess
 
 import jax
@@ -15,10 +16,15 @@ def test_record_names_the_commit_versions_devices_and_seeds():
     assert record["devices"]["count"] == jax.device_count()
     assert record["devices"]["platform"] == jax.devices()[0].platform
     json.dumps(record)  # every field is JSON
+    def git(*args):
+        return subprocess.run(["git", "-C", provenance.REPO, *args], capture_output=True,
+                              text=True, check=True).stdout.strip()
+
     try:
-        head = subprocess.run(["git", "-C", provenance.REPO, "rev-parse", "HEAD"],
-                              capture_output=True, text=True, check=True).stdout.strip()
+        top, head = git("rev-parse", "--show-toplevel"), git("rev-parse", "HEAD")
     except (OSError, subprocess.CalledProcessError):
-        assert record["commit"] is None  # not a git checkout: nothing is invented
-    else:
+        top = head = None
+    if top and os.path.samefile(top, provenance.REPO):
         assert record["commit"] == head and isinstance(record["dirty"], bool)
+    else:
+        assert record["commit"] is None  # not this project's checkout: nothing is invented
