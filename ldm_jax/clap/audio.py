@@ -68,24 +68,24 @@ class AudioEncoder(nn.Module):
       embed_dim: joint embedding width E.
     """
 
-    sample_rate: int = 16000
-    max_seconds: float = 10.0
-    n_fft: int = 512
-    hop_length: int = 160
-    n_mels: int = 64
-    fmin: float = 0.0
-    fmax: float | None = None
-    mel_offset: float = -3.0
-    mel_scale: float = 2.0
-    stem_strides: tuple[int, ...] = (2, 2)
-    width: int = 512
-    num_layers: int = 8
-    num_heads: int = 8
-    mlp_ratio: float = 4.0
-    embed_dim: int = 512
-    dropout_rate: float = 0.0
-    remat: bool = False
-    dtype: jnp.dtype = jnp.float32
+    sample_rate: int
+    max_seconds: float
+    n_fft: int
+    hop_length: int
+    n_mels: int
+    fmin: float
+    fmax: float | None
+    mel_offset: float
+    mel_scale: float
+    stem_strides: tuple[int, ...]
+    width: int
+    num_layers: int
+    num_heads: int
+    mlp_ratio: float
+    embed_dim: int
+    dropout_rate: float
+    remat: bool
+    dtype: jnp.dtype
     param_dtype: jnp.dtype = jnp.float32
 
     def features(self, wave: jax.Array, wave_mask: jax.Array | None = None

@@ -155,8 +155,8 @@ class Clap(nn.Module):
 
     text: TextEncoder
     audio: AudioEncoder
-    logit_scale_init: float = math.log(1 / 0.07)
-    logit_scale_max: float = math.log(100.0)
+    logit_scale_init: float
+    logit_scale_max: float
 
     def setup(self):
         self.logit_scale = self.param("logit_scale", nn.initializers.constant(

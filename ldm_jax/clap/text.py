@@ -161,15 +161,15 @@ class TextEncoder(nn.Module):
 
     vocab_size: int
     max_length: int
-    width: int = 512
-    num_layers: int = 12
-    num_heads: int = 8
-    mlp_ratio: float = 4.0
-    embed_dim: int = 512
-    pooling: str = "eos"
-    dropout_rate: float = 0.0
-    remat: bool = False
-    dtype: jnp.dtype = jnp.float32
+    width: int
+    num_layers: int
+    num_heads: int
+    mlp_ratio: float
+    embed_dim: int
+    pooling: str
+    dropout_rate: float
+    remat: bool
+    dtype: jnp.dtype
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact

@@ -239,23 +239,23 @@ class UNet(nn.Module):
     """
 
     latent_channels: int
-    patch_size: int = 1
-    base_channels: int = 64
-    channel_mult: tuple[int, ...] = (1, 2)
-    num_res_blocks: int = 1
-    attention_levels: tuple[int, ...] = (1,)
-    num_heads: int = 4
-    head_dim: int = 0
-    transformer_depth: int = 1
-    mlp_ratio: int = 4
-    norm_groups: int = 32
-    context_dim: int = 128
-    pooled_dim: int = 128
-    context_pooling: str = "none"
-    dropout: float = 0.0
-    remat: bool = False
-    remat_policy: str = "nothing_saveable"
-    dtype: Dtype = jnp.float32
+    patch_size: int
+    base_channels: int
+    channel_mult: tuple[int, ...]
+    num_res_blocks: int
+    attention_levels: tuple[int, ...]
+    num_heads: int
+    head_dim: int
+    transformer_depth: int
+    mlp_ratio: int
+    norm_groups: int
+    context_dim: int
+    pooled_dim: int
+    context_pooling: str
+    dropout: float
+    remat: bool
+    remat_policy: str
+    dtype: Dtype
     param_dtype: Dtype = jnp.float32
 
     @property
