@@ -37,6 +37,14 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 POOLINGS = ("eos", "mean")
 
 
+def _check_tower(name: str, tower, sizes: tuple[int, ...]):
+    """A tower's sizes are positive and its width splits into its heads."""
+    if min(*sizes, tower.width, tower.num_layers, tower.num_heads) < 1 or \
+            tower.width % tower.num_heads:
+        raise ClapError(f"model.{name} sizes must be positive and width a multiple of "
+                        "num_heads")
+
+
 @dataclasses.dataclass(frozen=True)
 class TextConfig(Section):
     """The text tower (`model.text`). `vocab_size` and `max_length` follow the tokenizer."""
@@ -56,10 +64,7 @@ class TextConfig(Section):
     def __post_init__(self):
         if self.pooling not in POOLINGS:
             raise ClapError(f"model.text.pooling={self.pooling!r}: use 'eos' or 'mean'")
-        if min(self.vocab_size, self.max_length, self.width, self.num_layers,
-               self.num_heads) < 1 or self.width % self.num_heads:
-            raise ClapError("model.text sizes must be positive and width a multiple of "
-                            "num_heads")
+        _check_tower("text", self, (self.vocab_size, self.max_length))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,10 +91,8 @@ class AudioConfig(Section):
     dropout_rate: float = 0.0
 
     def __post_init__(self):
-        if min(self.sample_rate, self.n_fft, self.hop_length, self.n_mels, self.width,
-               self.num_layers, self.num_heads) < 1 or self.width % self.num_heads:
-            raise ClapError("model.audio sizes must be positive and width a multiple of "
-                            "num_heads")
+        _check_tower("audio", self, (self.sample_rate, self.n_fft, self.hop_length,
+                                     self.n_mels))
         if self.max_seconds <= 0:
             raise ClapError(f"model.audio.max_seconds={self.max_seconds} must be positive")
 
