@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -45,7 +46,10 @@ class Task:
 
     Attributes:
       name: the stage name, used in messages and TensorBoard tags.
-      init: `rng -> state`; the state is a pytree (a dict holding at least `step` and `params`).
+      init: `rng -> state`; the state is a pytree (a dict holding at least `step` and `params`)
+        whose parameters, and whatever mirrors them (optimiser moments, EMA), are in the
+        `nn.LogicallyPartitioned` boxes `model.init` gives them: their logical axis names place
+        them on the mesh (`parallel.tree_shardings`). The loop holds the state unboxed.
       step: pure `state, batch, rng -> (state, metrics)`; metrics a flat dict of scalars.
         The step folds `rng` with `state["step"]` itself, so a resumed run draws the same keys.
       model_config: the config section that fixes parameter shapes; checkpoints must match it.
@@ -265,15 +269,16 @@ def _host_code(task: Task, what: str, state):
 def initial_state(task: Task, rng, mesh, checkpointer: Checkpointer, *, resume_from: str = "",
                   init_from: str = "", data_iterator=None):
     """Resume order: own checkpoint, explicit resume path, params-only init path, scratch."""
-    abstract = jax.eval_shape(task.init, rng)
-    shardings = parallel.tree_shardings(abstract, mesh)
+    boxed = jax.eval_shape(task.init, rng)
+    shardings = parallel.tree_shardings(boxed, mesh)
+    abstract = nn.meta.unbox(boxed)
     target = _abstract_with_shardings(abstract, shardings)
     if checkpointer.latest_step() is not None:
         return checkpointer.restore(target, data_iterator), shardings, "resumed"
     if resume_from:
         other = Checkpointer(resume_from, model_config=checkpointer.model_config)
         return other.restore(target, data_iterator), shardings, f"resumed from {resume_from}"
-    state = jax.jit(task.init, out_shardings=shardings)(rng)
+    state = jax.jit(lambda r: nn.meta.unbox(task.init(r)), out_shardings=shardings)(rng)
     if init_from:
         other = Checkpointer(init_from, model_config=checkpointer.model_config,
                              this_host_only=True)

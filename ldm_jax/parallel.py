@@ -2,8 +2,9 @@
 
 One `jax.sharding.Mesh` with the named axes `data`, `fsdp` and `tensor` (the GSPMD recipe of
 Xu et al. 2021, as used by big_vision and MaxText). Batches are sharded over (`data`, `fsdp`);
-parameters are sharded over `fsdp` (ZeRO-3 style, Rajbhandari et al. 2020) on their largest
-divisible axis, and over `tensor` where a rule says so. All rules live here, for every model.
+parameters are sharded over `fsdp` (ZeRO-3 style, Rajbhandari et al. 2020) and `tensor` by the
+logical names of their axes, which the models declare (`ldm_jax.axes.LOGICAL`); the rules that
+map those names to mesh axes live here and name no model's parameters.
 
 Several hosts (JAX processes) run the same program. A collective — a barrier, a gather, an orbax
 checkpoint manager, a step over arrays that span hosts — must be reached by every host or by
@@ -19,11 +20,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import pickle
-import re
 from collections.abc import Callable, Sequence
 
+import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
@@ -31,26 +33,30 @@ from jax.sharding import PartitionSpec as P
 
 from ldm_jax.axes import AXES, BATCH_AXES
 
-# Parameters smaller than this stay replicated: sharding them saves nothing and costs collectives.
+# Arrays smaller than this are not split over fsdp: sharding them saves nothing and costs
+# collectives.
 FSDP_MIN_SIZE = 2**12
 
-# Path rules, first match wins: (regex over the "a/b/c" key path, spec over the array's axes).
-# `None` means "use the default FSDP rule". Tensor-parallel splits follow Megatron (Shoeybi et al.
-# 2019): column-parallel for the first projection of a pair, row-parallel for the second.
-RULES: tuple[tuple[str, tuple | None], ...] = (
-    (r".*(^|/)step$", ()),
-    # Attention and MLP blocks of the transformer towers (CLAP) and U-Net attention.
-    (r".*/(query|key|value|qkv)/kernel$", ("fsdp", "tensor")),
-    (r".*/(out|proj_out)/kernel$", ("tensor", "fsdp")),
-    (r".*/mlp/(fc1|wi)/kernel$", ("fsdp", "tensor")),
-    (r".*/mlp/(fc2|wo)/kernel$", ("tensor", "fsdp")),
-    # Token tables: the vocabulary over fsdp. Sharding their width instead makes GSPMD run the
-    # whole text tower feature-sharded, with all-reduces of activations after every matmul.
-    (r".*/(embedding|token_embedding)$", ("fsdp", "tensor")),
-    # The diffusion timestep MLP works on [batch, features] vectors: with sharded kernels GSPMD
-    # shards its features and all-gathers the batch instead; replicated, it stays data-parallel.
-    (r".*(^|/)time_embed/fc[12]/kernel$", ()),
-)
+# Logical axis name (`ldm_jax.axes.LOGICAL`) -> the mesh axis that may split it (None: never).
+# An array is split over `tensor` on every axis whose name maps there (Megatron, Shoeybi et al.
+# 2019: a projection's heads/hidden columns, then the rows of the one after it), and over `fsdp`
+# (ZeRO-3) on one axis whose name maps there and whose size the fsdp axis divides: a table's rows
+# (`TABLE_ROWS`) if it has them, else the largest such axis. Splitting a token table's width
+# instead would make GSPMD run the whole tower feature-sharded, all-reducing activations.
+LOGICAL_RULES: dict[str, str | None] = {
+    "embed": "fsdp", "context": "fsdp", "joint": "fsdp", "vocab": "fsdp",
+    "conv_in": "fsdp", "conv_out": "fsdp", "codebook_entries": "fsdp", "cond_in": "fsdp",
+    "heads": "tensor", "mlp": "tensor",
+    # Token positions and kernel taps are short. A per-example conditioning vector's features
+    # stay whole, or GSPMD splits them and gathers the batch of what they condition; where a
+    # projection reads them (`cond_in`) its kernel is split on them and gathered instead.
+    "position": None, "conv_width": None, "codebook_dim": None, "cond_embed": None,
+}
+TABLE_ROWS = ("vocab", "codebook_entries")
+
+
+class ShardingError(ValueError):
+    """An array's logical axis names do not describe it, or name an axis no rule covers."""
 
 
 class MeshError(ValueError):
@@ -102,49 +108,49 @@ def path_str(path) -> str:
     return "/".join(parts)
 
 
-def _fsdp_spec(shape: tuple[int, ...], fsdp: int) -> P:
-    """Shards the largest axis that the fsdp axis divides; small arrays stay replicated."""
-    if fsdp == 1 or int(np.prod(shape, dtype=np.int64)) < FSDP_MIN_SIZE:
-        return P()
-    for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
-        if shape[axis] % fsdp == 0:
-            spec = [None] * len(shape)
-            spec[axis] = "fsdp"
-            return P(*spec)
-    return P()
+def spec_for(names: Sequence[str | None], shape: tuple[int, ...], mesh: Mesh) -> P:
+    """The PartitionSpec of one array from the logical names of its axes (LOGICAL_RULES)."""
+    if len(names) != len(shape):
+        raise ShardingError(f"{len(names)} logical axis names {tuple(names)} for an array of "
+                            f"shape {tuple(shape)}")
+    for name in names:
+        if name is not None and name not in LOGICAL_RULES:
+            raise ShardingError(f"no sharding rule for logical axis {name!r}; add it to "
+                                "ldm_jax.axes.LOGICAL and ldm_jax.parallel.LOGICAL_RULES")
+    wanted = [None if n is None else LOGICAL_RULES[n] for n in names]
+    spec: list[str | None] = [None] * len(shape)
+    for i, axis in enumerate(wanted):
+        if (axis not in (None, "fsdp") and axis not in spec and mesh.shape[axis] > 1
+                and shape[i] % mesh.shape[axis] == 0):
+            spec[i] = axis
+    fsdp = mesh.shape["fsdp"]
+    if fsdp > 1 and math.prod(shape) >= FSDP_MIN_SIZE:
+        free = [i for i, axis in enumerate(wanted)
+                if axis == "fsdp" and spec[i] is None and shape[i] % fsdp == 0]
+        if free:
+            spec[max(free, key=lambda i: (names[i] in TABLE_ROWS, shape[i]))] = "fsdp"
+    return P(*spec) if any(spec) else P()
 
 
-def _fit(spec: tuple, shape: tuple[int, ...], mesh: Mesh) -> P | None:
-    """Aligns a rule's spec to the trailing axes of `shape`; None if a size does not divide."""
-    if len(spec) > len(shape):
-        return None
-    full = [None] * (len(shape) - len(spec)) + list(spec)
-    for size, axis in zip(shape, full):
-        if axis is not None and size % mesh.shape[axis]:
-            return None
-    # Axes of size 1 in the mesh add nothing; drop them so specs print plainly.
-    return P(*[a if a is None or mesh.shape[a] > 1 else None for a in full])
+def tree_shardings(tree, mesh: Mesh):
+    """NamedShardings for every array of an (abstract) pytree: params, optimiser state, EMA.
 
-
-def spec_for(path: str, shape: tuple[int, ...], mesh: Mesh) -> P:
-    """The PartitionSpec of one array, from RULES then the default FSDP rule."""
-    for pattern, spec in RULES:
-        if re.fullmatch(pattern, path):
-            if spec is None:
-                break
-            fitted = _fit(spec, shape, mesh)
-            if fitted is not None:
-                return fitted
-            break
-    return _fsdp_spec(shape, mesh.shape["fsdp"])
-
-
-def tree_shardings(abstract_tree, mesh: Mesh):
-    """NamedShardings for every leaf of an (abstract) pytree: params, optimiser state, EMA."""
+    The tree holds its arrays in the `nn.LogicallyPartitioned` boxes that `model.init` returns
+    (optax's and the trainers' tree maps keep them), and the result has the unboxed tree's
+    structure. Arrays outside a box are replicated; one of `FSDP_MIN_SIZE` elements or more
+    without names is an error, as a model parameter whose axes were never named would be
+    silently copied to every device.
+    """
     def one(path, leaf):
+        if isinstance(leaf, nn.Partitioned):
+            return NamedSharding(mesh, spec_for(leaf.names, tuple(leaf.value.shape), mesh))
         shape = tuple(getattr(leaf, "shape", ()))
-        return NamedSharding(mesh, spec_for(path_str(path), shape, mesh))
-    return jax.tree_util.tree_map_with_path(one, abstract_tree)
+        if math.prod(shape) >= FSDP_MIN_SIZE:
+            raise ShardingError(f"{path_str(path)} {shape} has no logical axis names; create it "
+                                "with nn.with_logical_partitioning (ldm_jax.nn.layers.named)")
+        return NamedSharding(mesh, P())
+    return jax.tree_util.tree_map_with_path(
+        one, tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -174,6 +174,7 @@ def check_clap_eval(workdir: str) -> dict:
 
 def check_unguarded_evaluation(workdir: str) -> list:
     """An evaluation that reads a parameter sharded over both hosts without gathering it."""
+    import flax.linen as nn
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -184,7 +185,8 @@ def check_unguarded_evaluation(workdir: str) -> list:
     tx = optax.sgd(0.1)
 
     def init(rng):
-        params = {"w": jax.random.normal(rng, (64, 64))}  # large enough to be FSDP-sharded
+        # Large enough to be FSDP-sharded.
+        params = {"w": nn.LogicallyPartitioned(jax.random.normal(rng, (64, 64)), ("embed", "mlp"))}
         return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
 
     def step(state, batch, rng):

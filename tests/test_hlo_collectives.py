@@ -27,6 +27,7 @@ import os
 import sys
 import types
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import pytest
@@ -94,6 +95,7 @@ CASES = {"unet": unet_case, "codec": codec_case, "clap": clap_case}
 def compiled_hlo(step, state, batch, mesh) -> str:
     """The optimised HLO of `step` jitted as `ldm_jax.loop.train` jits it."""
     shardings = parallel.tree_shardings(state, mesh)
+    state = nn.meta.unbox(state)
     with jax.set_mesh(mesh):
         jitted = jax.jit(step, donate_argnums=(0,),
                          in_shardings=(shardings, parallel.batch_shardings(mesh, batch),

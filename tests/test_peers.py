@@ -61,7 +61,7 @@ def _torch_sizes_by_layer(model) -> dict:
 def test_unet_peer_has_the_parameters_of_ldm_jax_layer_by_layer(preset, total):
     cfg = get_config(preset)
     flax_unet = unet.make_unet(cfg.model)
-    shapes = jax.eval_shape(lambda r: flax_unet.init(r, **unet.example_inputs(flax_unet)),
+    shapes = jax.eval_shape(lambda r: unet.init_variables(flax_unet, r),
                             jax.random.PRNGKey(0))["params"]
     with torch.device("meta"):
         peer = unet_torch.build_unet(cfg.model)
@@ -72,7 +72,7 @@ def test_unet_peer_has_the_parameters_of_ldm_jax_layer_by_layer(preset, total):
 def test_unet_peer_computes_the_flax_function():
     cfg = get_config("ldm_tiny")
     flax_unet = unet.make_unet(cfg.model)
-    shapes = jax.eval_shape(lambda r: flax_unet.init(r, **unet.example_inputs(flax_unet)),
+    shapes = jax.eval_shape(lambda r: unet.init_variables(flax_unet, r),
                             jax.random.PRNGKey(0))["params"]
     rng = np.random.default_rng(0)
     # Random values everywhere, so that the zero-initialised layers pass a signal too.

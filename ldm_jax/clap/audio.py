@@ -24,6 +24,7 @@ from ldm_jax.audio import dsp
 from ldm_jax.clap.text import ClapError, l2_normalize
 from ldm_jax.nn.attention import Transformer
 from ldm_jax.nn.embeddings import LearnedPositionEmbedding
+from ldm_jax.nn.layers import conv, dense
 
 
 def real_frames(length: jax.Array, n_fft: int, hop_length: int, num_frames: int) -> jax.Array:
@@ -144,8 +145,8 @@ class AudioEncoder(nn.Module):
         mel, n = self.features(wave, wave_mask)
         x = mel.astype(self.dtype)
         for i, stride in enumerate(self.stem_strides):
-            x = nn.Conv(self.width, kernel_size=(3,), strides=(stride,), padding=((1, 1),),
-                        name=f"stem_{i}", **kw)(x)
+            x = conv(self.width, (3,), strides=(stride,), padding=((1, 1),),
+                     names=("conv_in", "embed"), name=f"stem_{i}", **kw)(x)
             x = nn.gelu(x)
             n = (n + stride - 1) // stride
             x = jnp.where((jnp.arange(x.shape[1]) < n[:, None])[..., None], x, 0)
@@ -158,6 +159,7 @@ class AudioEncoder(nn.Module):
                         remat=self.remat, name="transformer", **kw)(x, mask, train=train)
         x = jnp.where(mask[..., None], x, 0)
         pooled = jnp.sum(x.astype(jnp.float32), axis=1) / n[:, None].astype(jnp.float32)
-        projected = nn.Dense(self.embed_dim, use_bias=False, name="projection", **kw)(
+        projected = dense(self.embed_dim, ("embed", "joint"), use_bias=False, name="projection",
+                          **kw)(
             pooled.astype(self.dtype))
         return x, {"embedding": l2_normalize(projected), "mask": mask, "pooled": pooled}

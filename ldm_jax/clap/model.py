@@ -30,6 +30,7 @@ from ldm_jax import checkpoint, parallel, paths
 from ldm_jax.clap.audio import AudioEncoder
 from ldm_jax.clap.text import ClapError, TextEncoder, Tokenizer
 from ldm_jax.config import Section
+from ldm_jax.nn.layers import named
 
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.model"
@@ -162,8 +163,8 @@ class Clap(nn.Module):
     logit_scale_max: float
 
     def setup(self):
-        self.logit_scale = self.param("logit_scale", nn.initializers.constant(
-            self.logit_scale_init), (), jnp.float32)
+        self.logit_scale = self.param("logit_scale", named(nn.initializers.constant(
+            self.logit_scale_init), ()), (), jnp.float32)
 
     def encode_text(self, tokens, mask, *, train: bool = False):
         """`TextEncoder.__call__`: (states [B, L, D], {"embedding", "pooled"})."""
@@ -253,11 +254,12 @@ def make_model(cfg) -> Clap:
 
 
 def init_variables(model: Clap, rng: jax.Array, text_length: int | None = None,
-                   audio_samples: int | None = None) -> dict:
+                   audio_samples: int | None = None, *, boxed: bool = False) -> dict:
     """Fresh variables `{"params": {"text": ..., "audio": ..., "logit_scale": ...}}`.
 
     Shapes depend only on the model; the dummy inputs default to the longest caption and at most
-    one second of audio.
+    one second of audio. With `boxed`, each array stays in the `nn.LogicallyPartitioned` box that
+    names its axes (what `ldm_jax.parallel.tree_shardings` reads); otherwise plain arrays.
     """
     a = model.audio
     length = text_length or model.text.max_length
@@ -265,13 +267,15 @@ def init_variables(model: Clap, rng: jax.Array, text_length: int | None = None,
     samples = audio_samples or min(a.sample_rate, longest)
     tokens = jnp.zeros((1, length), jnp.int32)
     wave = jnp.zeros((1, samples), jnp.float32)
-    return model.init(rng, tokens, tokens > 0, wave, None)
+    variables = model.init(rng, tokens, tokens > 0, wave, None)
+    return variables if boxed else nn.meta.unbox(variables)
 
 
 def init_params(cfg, rng: jax.Array, text_length: int | None = None,
-                audio_samples: int | None = None) -> dict:
+                audio_samples: int | None = None, *, boxed: bool = False) -> dict:
     """`init_variables(make_model(cfg), ...)["params"]`."""
-    return init_variables(make_model(cfg), rng, text_length, audio_samples)["params"]
+    return init_variables(make_model(cfg), rng, text_length, audio_samples,
+                          boxed=boxed)["params"]
 
 
 def _check_tokens(tokens, cfg):

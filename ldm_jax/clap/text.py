@@ -23,6 +23,7 @@ import sentencepiece as spm
 from ldm_jax import paths
 from ldm_jax.nn.attention import Transformer
 from ldm_jax.nn.embeddings import LearnedPositionEmbedding
+from ldm_jax.nn.layers import dense, embed
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
@@ -189,13 +190,14 @@ class TextEncoder(nn.Module):
         """
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         mask = jnp.asarray(mask, bool)
-        x = nn.Embed(self.vocab_size, self.width, embedding_init=nn.initializers.normal(0.02),
-                     name="token_embedding", **kw)(jnp.asarray(tokens, jnp.int32))
+        x = embed(self.vocab_size, self.width, embedding_init=nn.initializers.normal(0.02),
+                  name="token_embedding", **kw)(jnp.asarray(tokens, jnp.int32))
         x = LearnedPositionEmbedding(self.max_length, self.width, name="positions", **kw)(x)
         x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
         x = Transformer(self.num_layers, self.num_heads, self.mlp_ratio, self.dropout_rate,
                         remat=self.remat, name="transformer", **kw)(x, mask, train=train)
         x = jnp.where(mask[..., None], x, 0)
         pooled = pool_tokens(x, mask, self.pooling)
-        projected = nn.Dense(self.embed_dim, use_bias=False, name="projection", **kw)(pooled)
+        projected = dense(self.embed_dim, ("embed", "joint"), use_bias=False, name="projection",
+                          **kw)(pooled)
         return x, {"embedding": l2_normalize(projected), "pooled": pooled}

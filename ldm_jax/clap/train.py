@@ -155,9 +155,10 @@ class Prepare:
 
 
 def init_state(cfg, rng) -> dict:
-    """{"step", "params", "opt_state"} of a fresh CLAP model."""
+    """{"step", "params", "opt_state"} of a fresh CLAP model, its arrays boxed with their
+    logical axis names (`loop.Task.init`)."""
     tx, _ = make_optimizer(cfg.train)
-    params = clap_model.init_params(cfg, rng)
+    params = clap_model.init_params(cfg, rng, boxed=True)
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
 
 

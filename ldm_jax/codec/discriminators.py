@@ -33,12 +33,14 @@ import jax.numpy as jnp
 
 from ldm_jax.audio import dsp
 from ldm_jax.nn.conv import weight_norm
+from ldm_jax.nn.layers import named
 
 # DAC's MRD frequency bands, as fractions of the STFT bins.
 BANDS = ((0.0, 0.1), (0.1, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.0))
 LEAKY_SLOPE = 0.1
 
 _DIMENSIONS = {1: ("NWC", "WIO", "NWC"), 2: ("NHWC", "HWIO", "NHWC")}
+KERNEL_NAMES = {rank: ("conv_width",) * rank + ("conv_in", "conv_out") for rank in (1, 2)}
 
 
 def _torch_like_uniform(fan_in: int):
@@ -80,12 +82,15 @@ class NormConv(nn.Module):
                              f"{in_features} -> {self.features}")
         shape = (*self.kernel_size, in_features // self.groups, self.features)
         fan_in = math.prod(shape[:-1])
-        kernel = self.param("weight_v", _torch_like_uniform(fan_in), shape, self.param_dtype)
-        bias = self.param("bias", _torch_like_uniform(fan_in), (self.features,), self.param_dtype)
+        kernel = self.param("weight_v", named(_torch_like_uniform(fan_in), KERNEL_NAMES[rank]),
+                            shape, self.param_dtype)
+        bias = self.param("bias", named(_torch_like_uniform(fan_in), ("conv_out",)),
+                          (self.features,), self.param_dtype)
         if self.weight_norm:
             axes = tuple(range(rank + 1))
             # Starts at ||v||, so the effective kernel starts equal to v (torch's weight_norm).
-            scale = self.param("weight_g", lambda _key: jnp.sqrt(jnp.sum(kernel ** 2, axis=axes)))
+            scale = self.param("weight_g", named(
+                lambda _key: jnp.sqrt(jnp.sum(kernel ** 2, axis=axes)), ("conv_out",)))
             kernel = weight_norm(kernel.astype(jnp.float32), scale.astype(jnp.float32), axes)
         y = jax.lax.conv_general_dilated(
             x.astype(self.dtype), kernel.astype(self.dtype), tuple(self.strides),

@@ -348,18 +348,22 @@ def make_model(cfg: CodecConfig | Mapping[str, Any] | str) -> Codec:
 make_codec = make_model
 
 
-def init_variables(codec: Codec, rng: jax.Array, n_samples: int | None = None):
+def init_variables(codec: Codec, rng: jax.Array, n_samples: int | None = None, *,
+                   boxed: bool = False):
     """Initial variables (`params`, and `codebook_stats` for the EMA quantizer).
 
     Args:
       codec: the module.
       rng: PRNG key.
       n_samples: length of the dummy input (one hop by default; shapes do not depend on it).
+      boxed: keep each array in the `nn.LogicallyPartitioned` box that names its axes (what
+        `ldm_jax.parallel.tree_shardings` reads).
 
     Returns:
-      The variables dict, with parameters boxed by their logical axis names.
+      The variables dict, plain arrays unless `boxed`.
     """
     n = n_samples or codec.config.hop_length
     x = jnp.zeros((1, n, codec.config.channels), jnp.float32)
     # One compiled program: initialising op by op compiles every distinct op on its own.
-    return jax.jit(lambda r: codec.init({"params": r}, x))(rng)
+    variables = jax.jit(lambda r: codec.init({"params": r}, x))(rng)
+    return variables if boxed else nn.meta.unbox(variables)

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from ldm_jax.nn.conv import WNConv1d
+from ldm_jax.nn.layers import named
 
 STATS = "codebook_stats"  # collection holding the EMA codebooks and their counts
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -271,8 +272,7 @@ class FactorizedVQ(nn.Module):
         self.in_proj = WNConv1d(self.codebook_dim, **conv)
         self.out_proj = WNConv1d(self.input_dim, **conv)
         self.codebook = self.param(
-            "codebook", nn.with_logical_partitioning(nn.initializers.normal(1.0),
-                                                     ("codebook_entries", "codebook_dim")),
+            "codebook", named(nn.initializers.normal(1.0), ("codebook_entries", "codebook_dim")),
             (self.codebook_size, self.codebook_dim), self.param_dtype)
 
     def quantize_latents(self, latents: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -399,11 +399,13 @@ class EMAVectorQuantizer(nn.Module):
             self.out_proj = WNConv1d(self.input_dim, **conv)
         shape = (self.codebook_size, self.codebook_dim)
         init = nn.initializers.variance_scaling(1.0, "fan_in", "uniform", in_axis=1, out_axis=0)
-        self.embed = self.variable(STATS, "embed",
-                                   lambda: init(self.make_rng("params"), shape, jnp.float32))
-        self.embed_avg = self.variable(STATS, "embed_avg", lambda: self.embed.value)
-        self.cluster_size = self.variable(STATS, "cluster_size",
-                                          lambda: jnp.ones((self.codebook_size,), jnp.float32))
+        entries = ("codebook_entries", "codebook_dim")
+        self.embed = self.variable(STATS, "embed", named(
+            lambda: init(self.make_rng("params"), shape, jnp.float32), entries))
+        self.embed_avg = self.variable(STATS, "embed_avg",
+                                       named(lambda: self.embed.value, entries))
+        self.cluster_size = self.variable(STATS, "cluster_size", named(
+            lambda: jnp.ones((self.codebook_size,), jnp.float32), ("codebook_entries",)))
 
     @property
     def projected(self) -> bool:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,13 +45,14 @@ def optimizers(cfg):
 
 
 def init_state(cfg, rng, *, crop_samples: int):
-    """The full training state for `cfg` (a codec experiment config)."""
+    """The full training state for `cfg` (a codec experiment config), its arrays boxed with
+    their logical axis names (`loop.Task.init`)."""
     codec, disc = make_codec(cfg.model), make_discriminator(cfg)
     gen_tx, disc_tx = optimizers(cfg)
     r_gen, r_disc = jax.random.split(rng)
     x = jnp.zeros((1, crop_samples, cfg.model.channels), jnp.float32)
-    variables = nn.meta.unbox(codec.init({"params": r_gen}, x))
-    disc_params = nn.meta.unbox(disc.init(r_disc, x))["params"]
+    variables = codec.init({"params": r_gen}, x)
+    disc_params = disc.init(r_disc, x)["params"]
     params = variables["params"]
     state = {"step": jnp.zeros((), jnp.int32), "params": params,
              "opt_state": gen_tx.init(params), "disc_params": disc_params,

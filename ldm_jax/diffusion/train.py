@@ -74,9 +74,10 @@ def make_optimizer(cfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
 # ------------------------------------------------------------------------------- state and step
 
 def init_state(cfg, rng) -> dict:
-    """{"step", "params", "opt_state", "ema_params"} of a fresh U-Net."""
+    """{"step", "params", "opt_state", "ema_params"} of a fresh U-Net, its arrays boxed with
+    their logical axis names (`loop.Task.init`)."""
     tx, _ = make_optimizer(cfg)
-    params = init_variables(make_unet(cfg.model), rng)["params"]
+    params = init_variables(make_unet(cfg.model), rng, boxed=True)["params"]
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
             "ema_params": params}
 

@@ -65,6 +65,7 @@ from ldm_jax.config import Section
 from ldm_jax.diffusion.schedules import DiffusionError
 from ldm_jax.nn.attention import MultiHeadAttention, TransformerBlock
 from ldm_jax.nn.embeddings import TimestepEmbedding
+from ldm_jax.nn.layers import conv, dense, group_norm, named
 
 Dtype = Any
 
@@ -156,7 +157,7 @@ def _group_norm(name: str, groups: int, x: jax.Array, mask: jax.Array | None, **
     """GroupNorm over time and channel groups; statistics over the valid frames only."""
     if mask is not None:
         mask = jnp.broadcast_to(mask[..., None], (1,) + x.shape[1:])
-    return nn.GroupNorm(groups, name=name, **kw)(x, mask=mask)
+    return group_norm(groups, "conv_out", name=name, **kw)(x, mask=mask)
 
 
 class ResBlock(nn.Module):
@@ -181,15 +182,17 @@ class ResBlock(nn.Module):
         """Args: x [B, T, C_in]; emb [B, E]; mask None or bool [1, T]. Returns [B, T, features]."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = _zero_invalid(nn.silu(_group_norm("norm1", self.groups, x, mask, **kw)), mask)
-        h = nn.Conv(self.features, (3,), padding=1, name="conv1", **kw)(h)
-        film = nn.Dense(2 * self.features, name="emb_proj", **kw)(nn.silu(emb))
+        h = conv(self.features, (3,), padding=1, name="conv1", **kw)(h)
+        # Split on its input features only: split on its outputs, GSPMD would split the scales
+        # and shifts and gather the batch of the activations they modulate.
+        film = dense(2 * self.features, ("cond_in", None), name="emb_proj", **kw)(nn.silu(emb))
         scale, shift = jnp.split(film[:, None, :], 2, axis=-1)
         h = _group_norm("norm2", self.groups, h, mask, **kw) * (1 + scale) + shift
         h = nn.Dropout(self.dropout, deterministic=self.deterministic)(nn.silu(h))
-        h = nn.Conv(self.features, (3,), padding=1, kernel_init=nn.initializers.zeros,
-                    name="conv2", **kw)(_zero_invalid(h, mask))
+        h = conv(self.features, (3,), padding=1, kernel_init=nn.initializers.zeros,
+                 name="conv2", **kw)(_zero_invalid(h, mask))
         if x.shape[-1] != self.features:
-            x = nn.Dense(self.features, name="skip", **kw)(x)
+            x = dense(self.features, ("conv_in", "conv_out"), name="skip", **kw)(x)
         return _zero_invalid(x + h, mask)
 
 
@@ -223,12 +226,13 @@ class AttentionStage(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         width = x.shape[-1]
         h = _group_norm("norm", self.groups, x, mask, **kw)
-        h = nn.Dense(width, name="proj_in", **kw)(h)
+        h = dense(width, ("conv_in", "embed"), name="proj_in", **kw)(h)
         for i in range(self.depth):
             h = TransformerBlock(self.num_heads, self.mlp_ratio, self.dropout, self.cross,
                                  name=f"block_{i}", **kw)(h, mask, context, context_mask,
                                                          not self.deterministic)
-        h = nn.Dense(width, kernel_init=nn.initializers.zeros, name="proj_out", **kw)(h)
+        h = dense(width, ("embed", "conv_out"), kernel_init=nn.initializers.zeros,
+                  name="proj_out", **kw)(h)
         return _zero_invalid(x + h, mask)
 
 
@@ -295,7 +299,8 @@ class UNet(nn.Module):
 
     def _context(self, batch: int, context, context_mask):
         """Prepends the learned null token: keys [B, 1 + L, D] and mask [B, 1 + L]."""
-        null = self.param("null_context", nn.initializers.normal(0.02),
+        null = self.param("null_context", named(nn.initializers.normal(0.02),
+                                                (None, None, "context")),
                           (1, 1, self.context_dim), self.param_dtype)
         null = null.astype(self.dtype)
         if context is None:
@@ -355,14 +360,16 @@ class UNet(nn.Module):
         if self.pooled_dim:
             if pooled is None:
                 pooled = jnp.zeros((batch, self.pooled_dim), self.dtype)
-            emb = emb + nn.Dense(emb.shape[-1], use_bias=False, name="pooled_proj",
-                                 **kw)(pooled.astype(self.dtype))
+            emb = emb + dense(emb.shape[-1], ("cond_embed", "cond_embed"), use_bias=False,
+                              name="pooled_proj", **kw)(pooled.astype(self.dtype))
         keys, keys_mask = (self._context(batch, context, context_mask) if self.context_dim
                            else (None, None))
         if self.context_pooling == "attention":
-            query = self.param("context_pool_query", nn.initializers.normal(1.0),
+            query = self.param("context_pool_query", named(nn.initializers.normal(1.0),
+                                                           (None, None, "context")),
                                (1, 1, self.context_dim), self.param_dtype)
             emb = emb + MultiHeadAttention(self.num_heads, out_features=emb.shape[-1],
+                                           query_axis="context", out_axis="cond_embed",
                                            name="context_pool", **kw)(
                 jnp.broadcast_to(query, (batch, 1, self.context_dim)).astype(self.dtype), keys,
                 key_mask=keys_mask)[:, 0]
@@ -372,7 +379,7 @@ class UNet(nn.Module):
 
         h = jnp.pad(x.astype(self.dtype), ((0, 0), (0, padded - frames), (0, 0)))
         h = h.reshape(batch, padded // p, p * self.latent_channels)
-        h = nn.Conv(self.base_channels, (3,), padding=1, name="conv_in", **kw)(h)
+        h = conv(self.base_channels, (3,), padding=1, name="conv_in", **kw)(h)
         skips = [h]
         for level, mult in enumerate(self.channel_mult):
             for i in range(self.num_res_blocks):
@@ -381,7 +388,7 @@ class UNet(nn.Module):
                     h = stage(h, level, f"down_{level}_attn_{i}")
                 skips.append(h)
             if level < levels - 1:
-                h = nn.Conv(h.shape[-1], (3,), strides=2, padding=1,
+                h = conv(h.shape[-1], (3,), strides=2, padding=1,
                             name=f"down_{level}_downsample", **kw)(h)
                 h = _zero_invalid(h, masks[level + 1])
                 skips.append(h)
@@ -400,13 +407,13 @@ class UNet(nn.Module):
                     h = stage(h, level, f"up_{level}_attn_{i}")
             if level > 0:
                 h = _zero_invalid(jnp.repeat(h, 2, axis=1), masks[level - 1])
-                h = nn.Conv(h.shape[-1], (3,), padding=1, name=f"up_{level}_upsample", **kw)(h)
+                h = conv(h.shape[-1], (3,), padding=1, name=f"up_{level}_upsample", **kw)(h)
                 h = _zero_invalid(h, masks[level - 1])
 
         h = _zero_invalid(nn.silu(_group_norm("norm_out", self.norm_groups, h, masks[0], **kw)),
                           masks[0])
-        h = nn.Conv(p * self.latent_channels, (3,), padding=1,
-                    kernel_init=nn.initializers.zeros, name="conv_out", **kw)(h)
+        h = conv(p * self.latent_channels, (3,), padding=1,
+                 kernel_init=nn.initializers.zeros, name="conv_out", **kw)(h)
         h = h.reshape(batch, padded, self.latent_channels)
         return h[:, :frames].astype(x.dtype), {}
 
@@ -469,9 +476,14 @@ def example_inputs(model: UNet, batch: int = 1, frames: int | None = None,
     return inputs
 
 
-def init_variables(model: UNet, rng: jax.Array) -> dict:
-    """Fresh variables `{"params": ...}` of the U-Net (logical-axis boxes removed)."""
-    return nn.meta.unbox(model.init(rng, **example_inputs(model)))
+def init_variables(model: UNet, rng: jax.Array, *, boxed: bool = False) -> dict:
+    """Fresh variables `{"params": ...}` of the U-Net.
+
+    With `boxed`, each array stays in the `nn.LogicallyPartitioned` box that names its axes
+    (what `ldm_jax.parallel.tree_shardings` reads); otherwise plain arrays.
+    """
+    variables = model.init(rng, **example_inputs(model))
+    return variables if boxed else nn.meta.unbox(variables)
 
 
 def param_count(cfg) -> int:

@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ldm_jax.nn.layers import named
+
 
 def snake(x: jax.Array, alpha: jax.Array) -> jax.Array:
     """Snake activation.
@@ -36,7 +38,6 @@ class Snake(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        alpha = self.param("alpha", nn.with_logical_partitioning(nn.initializers.ones,
-                                                                  ("conv_out",)),
-                           (x.shape[-1],), self.param_dtype)
+        alpha = self.param("alpha", named(nn.initializers.ones, ("conv_out",)), (x.shape[-1],),
+                           self.param_dtype)
         return snake(x.astype(self.dtype), alpha)

@@ -7,9 +7,9 @@ residual arrangement of GPT-2 / ViT (Xiong et al. 2020, "On Layer Normalization 
 Architecture"). Blocks serve the CLAP towers (self-attention with a key padding mask) and the
 diffusion U-Net (self-attention plus cross-attention to padded text states).
 
-Parameter names match the partition rules of `ldm_jax.parallel`: `query`, `key`, `value` and `out`
-kernels of shape `[in, heads * head_dim]` / `[heads * head_dim, out]` (Megatron column/row
-parallel), and `mlp/fc1`, `mlp/fc2`.
+Parameters name their axes (`ldm_jax.axes.LOGICAL`): the `query`, `key` and `value` kernels are
+`[in, heads]` and `out` is `[heads, out]`, `mlp/fc1` is `[embed, mlp]` and `mlp/fc2` `[mlp, embed]`,
+so the tensor axis splits them Megatron's way (column-parallel, then row-parallel).
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from ldm_jax.nn.layers import dense, layer_norm
 
 
 def combine_masks(key_mask: jax.Array | None, mask: jax.Array | None) -> jax.Array | None:
@@ -45,12 +47,18 @@ class MultiHeadAttention(nn.Module):
       head_dim: width per head; default: query width // num_heads.
       out_features: output width; default: query width.
       use_bias: biases on the four projections.
+      query_axis: logical name of the queries' features (`ldm_jax.axes.LOGICAL`).
+      context_axis: that of the keys' and values' inputs; default: `query_axis`.
+      out_axis: that of the output; default: `query_axis`.
     """
 
     num_heads: int
     head_dim: int | None = None
     out_features: int | None = None
     use_bias: bool = True
+    query_axis: str = "embed"
+    context_axis: str | None = None
+    out_axis: str | None = None
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -77,17 +85,19 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"width {features} is not divisible by {self.num_heads} heads; "
                              "set head_dim or change the width")
         context = x if context is None else context
-        dense = lambda n, name: nn.Dense(n, use_bias=self.use_bias, dtype=self.dtype,
-                                         param_dtype=self.param_dtype, name=name)
+        proj = lambda n, names, name: dense(n, names, use_bias=self.use_bias, dtype=self.dtype,
+                                            param_dtype=self.param_dtype, name=name)
         inner = self.num_heads * head_dim
         split = lambda t: t.reshape(t.shape[:-1] + (self.num_heads, head_dim))
-        q = split(dense(inner, "query")(x.astype(self.dtype)))
-        k = split(dense(inner, "key")(context.astype(self.dtype)))
-        v = split(dense(inner, "value")(context.astype(self.dtype)))
+        source = self.context_axis or self.query_axis
+        q = split(proj(inner, (self.query_axis, "heads"), "query")(x.astype(self.dtype)))
+        k = split(proj(inner, (source, "heads"), "key")(context.astype(self.dtype)))
+        v = split(proj(inner, (source, "heads"), "value")(context.astype(self.dtype)))
         y = jax.nn.dot_product_attention(q, k, v, mask=combine_masks(key_mask, mask),
                                          is_causal=causal)
         y = y.reshape(y.shape[:-2] + (inner,))
-        return dense(self.out_features or features, "out")(y)
+        return proj(self.out_features or features, ("heads", self.out_axis or self.query_axis),
+                    "out")(y)
 
 
 class Mlp(nn.Module):
@@ -103,11 +113,11 @@ class Mlp(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Args: x: [..., D]. Returns: [..., out_features or D]."""
         out = self.out_features or x.shape[-1]
-        h = nn.Dense(self.hidden_features, dtype=self.dtype, param_dtype=self.param_dtype,
-                     name="fc1")(x)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = dense(self.hidden_features, ("embed", "mlp"), name="fc1", **kw)(x)
         h = nn.gelu(h)
         h = nn.Dropout(self.dropout_rate)(h, deterministic=not train)
-        return nn.Dense(out, dtype=self.dtype, param_dtype=self.param_dtype, name="fc2")(h)
+        return dense(out, ("mlp", "embed"), name="fc2", **kw)(h)
 
 
 class TransformerBlock(nn.Module):
@@ -147,16 +157,17 @@ class TransformerBlock(nn.Module):
         """
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         drop = lambda h: nn.Dropout(self.dropout_rate)(h, deterministic=not train)
-        h = nn.LayerNorm(name="ln_1", **kw)(x)
+        h = layer_norm("embed", name="ln_1", **kw)(x)
         x = x + drop(MultiHeadAttention(self.num_heads, name="attn", **kw)(
             h, key_mask=mask, causal=self.causal))
         if self.cross_attention:
             if context is None:
                 raise ValueError("this block cross-attends: pass `context` (and context_mask)")
-            h = nn.LayerNorm(name="ln_cross", **kw)(x)
-            x = x + drop(MultiHeadAttention(self.num_heads, name="cross_attn", **kw)(
+            h = layer_norm("embed", name="ln_cross", **kw)(x)
+            x = x + drop(MultiHeadAttention(self.num_heads, context_axis="context",
+                                            name="cross_attn", **kw)(
                 h, context, key_mask=context_mask))
-        h = nn.LayerNorm(name="ln_2", **kw)(x)
+        h = layer_norm("embed", name="ln_2", **kw)(x)
         hidden = int(round(self.mlp_ratio * x.shape[-1]))
         return x + drop(Mlp(hidden, dropout_rate=self.dropout_rate, name="mlp", **kw)(h, train))
 
@@ -193,4 +204,5 @@ class Transformer(nn.Module):
                           self.cross_attention, self.causal, dtype=self.dtype,
                           param_dtype=self.param_dtype, name=f"block_{i}")(
                 x, mask, context, context_mask, train)
-        return nn.LayerNorm(name="ln_final", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+        return layer_norm("embed", name="ln_final", dtype=self.dtype,
+                          param_dtype=self.param_dtype)(x)

@@ -18,6 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ldm_jax.nn.layers import named
+
 Dtype = Any
 
 # Logical axis names of the convolution parameters (partition rules map them to mesh axes).
@@ -54,13 +56,12 @@ def _direction_init(fan_in_axes: tuple[int, ...]):
 
 def _wn_params(module: nn.Module, shape, norm_axes, fan_in_axes, g_axis_name):
     """Creates `weight_v`, then `weight_g = ||weight_v||` so the initial kernel equals `v`."""
-    v = module.param("weight_v", nn.with_logical_partitioning(_direction_init(fan_in_axes),
-                                                               KERNEL_AXES),
-                     shape, module.param_dtype)
+    v = module.param("weight_v", named(_direction_init(fan_in_axes), KERNEL_AXES), shape,
+                     module.param_dtype)
     g_shape = tuple(s for i, s in enumerate(shape) if i not in norm_axes)
     g_init = lambda key, shape, dtype: jnp.sqrt(jnp.sum(jnp.square(v), axis=norm_axes)).astype(
         dtype)
-    g = module.param("weight_g", nn.with_logical_partitioning(g_init, (g_axis_name,)), g_shape,
+    g = module.param("weight_g", named(g_init, (g_axis_name,)), g_shape,
                      module.param_dtype)
     return v, g
 
@@ -106,8 +107,7 @@ class WNConv1d(nn.Module):
             padding=[pad], rhs_dilation=(self.dilation,),
             dimension_numbers=("NWC", "WIO", "NWC"))
         if self.use_bias:
-            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
-                                                                    ("conv_out",)),
+            bias = self.param("bias", named(nn.initializers.zeros, ("conv_out",)),
                               (self.features,), self.param_dtype)
             y = y + bias.astype(self.dtype)
         return y
@@ -161,8 +161,7 @@ class WNConvTranspose1d(nn.Module):
             x.astype(self.dtype), jnp.flip(kernel, 0).astype(self.dtype), window_strides=(1,),
             padding=[pad], lhs_dilation=(s,), dimension_numbers=("NWC", "WIO", "NWC"))
         if self.use_bias:
-            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
-                                                                    ("conv_out",)),
+            bias = self.param("bias", named(nn.initializers.zeros, ("conv_out",)),
                               (self.features,), self.param_dtype)
             y = y + bias.astype(self.dtype)
         return y

@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ldm_jax.nn.layers import dense, named
+
 
 def sinusoidal_embedding(positions: jax.Array, dim: int, max_period: float = 10000.0,
                          ) -> jax.Array:
@@ -55,19 +57,19 @@ class TimestepEmbedding(nn.Module):
     def __call__(self, t: jax.Array) -> jax.Array:
         """Args: t: [B] timesteps (integer or continuous). Returns: [B, features]."""
         x = sinusoidal_embedding(t, self.frequency_dim, self.max_period).astype(self.dtype)
-        x = nn.Dense(self.features, dtype=self.dtype, param_dtype=self.param_dtype,
-                     name="fc1")(x)
+        # A vector per example: its kernels stay whole ("cond_embed"), or GSPMD would split
+        # its features and gather the batch of every block it conditions.
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = dense(self.features, ("cond_embed", "cond_embed"), name="fc1", **kw)(x)
         x = nn.silu(x)
-        return nn.Dense(self.features, dtype=self.dtype, param_dtype=self.param_dtype,
-                        name="fc2")(x)
+        return dense(self.features, ("cond_embed", "cond_embed"), name="fc2", **kw)(x)
 
 
 class LearnedPositionEmbedding(nn.Module):
     """A learned table of `max_length` position vectors added to a sequence (BERT, CLIP).
 
     Sequences shorter than `max_length` use the first rows, so a padded and an unpadded copy of
-    the same sequence get the same positions. The table is named `position_embedding` so that
-    the FSDP default rule (not the vocabulary rule) shards it.
+    the same sequence get the same positions. The table's axes are `(position, embed)`.
 
     Attributes:
       max_length: the longest sequence accepted.
@@ -88,6 +90,7 @@ class LearnedPositionEmbedding(nn.Module):
         if length > self.max_length:
             raise ValueError(f"sequence of {length} positions is longer than the {self.max_length} "
                              "the model was built for; shorten the input or raise the maximum")
-        table = self.param("position_embedding", nn.initializers.normal(self.init_std),
+        table = self.param("position_embedding",
+                           named(nn.initializers.normal(self.init_std), ("position", "embed")),
                            (self.max_length, self.features), self.param_dtype)
         return x + table[:length].astype(self.dtype)

@@ -2,6 +2,7 @@
 
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -217,15 +218,23 @@ def test_global_batch_loss_is_the_same_on_sharded_devices(shape):
         np.testing.assert_allclose(g_many, g_one, rtol=1e-5, atol=1e-7)
 
 
-def test_partition_rules_match_tower_parameters(params):
+def test_partition_rules_match_tower_parameters():
+    # Width 128: the test model's kernels are below FSDP_MIN_SIZE.
+    cfg = make_test_config(text={**make_test_config().text, "width": 128},
+                           audio={**make_test_config().audio, "width": 128})
     mesh = parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    shardings = parallel.tree_shardings(params, mesh)
+    boxed = jax.eval_shape(lambda r: clap_model.init_params(cfg, r, boxed=True),
+                           jax.random.key(0))
+    shardings = parallel.tree_shardings(boxed, mesh)
     block = shardings["text"]["transformer"]["block_0"]
     assert block["attn"]["query"]["kernel"].spec == P("fsdp", "tensor")
     assert block["attn"]["out"]["kernel"].spec == P("tensor", "fsdp")
     assert block["mlp"]["fc1"]["kernel"].spec == P("fsdp", "tensor")
     assert block["mlp"]["fc2"]["kernel"].spec == P("tensor", "fsdp")
-    assert shardings["text"]["token_embedding"]["embedding"].spec == P("fsdp", "tensor")
+    # The vocabulary over fsdp; its width whole (split, GSPMD would run the tower
+    # feature-sharded).
+    assert shardings["text"]["token_embedding"]["embedding"].spec == P("fsdp", None)
+    assert shardings["audio"]["stem_1"]["kernel"].spec == P(None, "fsdp", None)
     assert isinstance(shardings["logit_scale"], NamedSharding)
     assert shardings["logit_scale"].spec == P()
 
@@ -243,7 +252,7 @@ def test_cross_attention_ignores_padded_context():
     np.testing.assert_allclose(apply(variables, x, None, noisy, ctx_mask), out, atol=1e-5)
     assert "cross_attn" in variables["params"] and "ln_cross" in variables["params"]
     attn = MultiHeadAttention(num_heads=2, dtype=jnp.bfloat16)
-    v = jax.jit(lambda r, x: attn.init(r, x, causal=True))(jax.random.key(1), x)
+    v = nn.meta.unbox(jax.jit(lambda r, x: attn.init(r, x, causal=True))(jax.random.key(1), x))
     apply = jax.jit(lambda v, x: attn.apply(v, x, causal=True))
     y = apply(v, x)
     assert y.dtype == jnp.bfloat16 and v["params"]["query"]["kernel"].dtype == jnp.float32

@@ -2,6 +2,7 @@
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,7 +48,7 @@ def dac_stage_outputs(dac_rvq):
 @pytest.fixture(scope="module")
 def ema_rvq():
     module = EMAResidualVQ(D, K, N, DIM, dropout_rate=0.0, decay=0.9, dead_code_threshold=0.5)
-    variables = jax.jit(module.init)(key(2), _inputs())
+    variables = nn.meta.unbox(jax.jit(module.init)(key(2), _inputs()))
 
     @functools.partial(jax.jit, static_argnames=("train",))
     def apply(variables, x, rng, train):

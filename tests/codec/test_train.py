@@ -3,6 +3,7 @@ codec's Task trains, saves and resumes through the shared loop."""
 
 import functools
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -48,7 +49,7 @@ def test_sharded_steps_equal_single_device_and_lower_the_loss(setup):
     for mesh in (parallel.make_mesh(devices=jax.devices()[:1]),
                  parallel.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})):
         shardings = parallel.tree_shardings(state0, mesh)
-        state = jax.device_put(state0, shardings)
+        state = jax.device_put(nn.meta.unbox(state0), shardings)
         gb = parallel.global_batch(mesh, batch)
         step = jax.jit(functools.partial(codec_train.train_step, cfg=cfg),
                        in_shardings=(shardings, parallel.batch_shardings(mesh, gb),

@@ -26,7 +26,7 @@ from ldm_jax.diffusion import conditioning, generate
 from ldm_jax.diffusion import evaluate as generation
 from ldm_jax.diffusion import train as ldm_train
 from ldm_jax.diffusion.schedules import DiffusionError
-from ldm_jax.diffusion.unet import example_inputs, make_unet
+from ldm_jax.diffusion.unet import init_variables, make_unet
 
 SR, LATENT, SECONDS, STEPS = 16000, 8, 0.32, 4
 CAPTIONS = ["a slow organ melody in C major", "fast bell arpeggio in A minor, played loudly",
@@ -90,8 +90,7 @@ def write_ldm(directory, cfg):
                         scale_factor=0.5, frame_rate=100.0, sample_rate=SR, num_frames=100)
     ldm_train.save_run_files(cfg, directory, stats, "mean")
     unet = make_unet(cfg.model)
-    shapes = jax.eval_shape(lambda r: unet.init(r, **example_inputs(unet))["params"],
-                            jax.random.key(0))
+    shapes = jax.eval_shape(lambda r: init_variables(unet, r)["params"], jax.random.key(0))
     params = random_tree(shapes, seed=1, std=0.1)
     ck = Checkpointer(os.path.join(directory, "checkpoints"), model_config=cfg.model.to_dict())
     ck.save(5, {"step": np.asarray(5, np.int32), "params": params, "ema_params": params})

@@ -2,6 +2,7 @@
 
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -113,7 +114,7 @@ def one_device():
 
 def test_state_holds_params_optimiser_and_ema(setup):
     cfg, _, task = setup
-    state = jax.eval_shape(task.init, jax.random.key(0))
+    state = nn.meta.unbox(jax.eval_shape(task.init, jax.random.key(0)))
     assert set(state) == {"step", "params", "opt_state", "ema_params"}
     assert jax.tree_util.tree_structure(state["ema_params"]) == \
         jax.tree_util.tree_structure(state["params"])
@@ -180,13 +181,14 @@ def test_loop_resumes_and_eight_device_steps_equal_single_device_steps(setup, tm
               log_cfg={"every_steps": 1, "progress": False})
     # A random step-0 state (compiling the initialiser costs more than this whole test needs),
     # then 2 steps through the loop, save, restore, and a third step.
-    abstract = jax.eval_shape(task.init, jax.random.key(0))
+    boxed = jax.eval_shape(task.init, jax.random.key(0))
+    abstract = nn.meta.unbox(boxed)
     state0 = random_state(abstract)
     ck = Checkpointer(str(tmp_path / "checkpoints"), model_config=task.model_config)
     ck.save(0, state0)
     ck.close()
     mesh8 = parallel.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
-    shardings = parallel.tree_shardings(abstract, mesh8)
+    shardings = parallel.tree_shardings(boxed, mesh8)
     state = jax.device_put(state0, shardings)
     assert loop.train(task, batches(), num_steps=2, **kw).step == 2
     resumed = loop.train(task, batches(start=2), num_steps=3, **kw)

@@ -19,7 +19,7 @@ from jax.sharding import PartitionSpec as P
 from ldm_jax import parallel
 from ldm_jax.config import get_config
 from ldm_jax.diffusion.schedules import DiffusionError
-from ldm_jax.diffusion.unet import example_inputs, make_unet, param_count
+from ldm_jax.diffusion.unet import init_variables, make_unet, param_count
 
 TINY_PARAMS = 2_545_808
 TEST_PARAMS = 1_652_240  # the tiny preset without its level-1 transformer stages
@@ -39,7 +39,7 @@ def model():
 
 def random_params(model):
     """Random values of the initialised shapes (zero-initialised layers pass a signal too)."""
-    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), **example_inputs(model))
+    shapes = jax.eval_shape(lambda r: init_variables(model, r), jax.random.PRNGKey(0))
     rng = np.random.default_rng(0)
 
     def draw(path, leaf):
@@ -224,18 +224,23 @@ def test_bfloat16_compute_keeps_float32_output(params, batch, out):
 def test_sharded_remat_step_equals_single_device(params, batch, reference):
     """Rematerialisation and sharding over 8 devices change how the step runs, not its result.
 
-    One program checks both: a rematerialised model, data x fsdp = 2 x 4, against the plain
+    One program checks both: a rematerialised model on a data x fsdp x tensor = 2 x 2 x 2 mesh
+    (attention and MLP kernels split Megatron-style, the rest over fsdp), against the plain
     single-device reference (compiling a third program would double the test's cost).
     """
     model = make_test_model(attention_levels=(), remat=True,
                             remat_policy="dots_with_no_batch_dims_saveable")
-    mesh = parallel.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
-    param_shardings = parallel.tree_shardings(params, mesh)
+    mesh = parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    boxed = jax.eval_shape(lambda r: init_variables(model, r, boxed=True), jax.random.key(0))
+    param_shardings = parallel.tree_shardings(boxed, mesh)
     spec = lambda *names: _leaf(param_shardings["params"],
                                 [jax.tree_util.DictKey(n) for n in names]).spec
-    assert spec("mid_attn", "block_0", "attn", "query", "kernel") == P("fsdp", None)
-    assert spec("mid_attn", "block_0", "mlp", "fc2", "kernel") == P(None, "fsdp")
+    assert spec("mid_attn", "block_0", "attn", "query", "kernel") == P("fsdp", "tensor")
+    assert spec("mid_attn", "block_0", "attn", "query", "bias") == P("tensor")
+    assert spec("mid_attn", "block_0", "mlp", "fc2", "kernel") == P("tensor", "fsdp")
+    assert spec("mid_attn", "block_0", "cross_attn", "key", "kernel") == P("fsdp", "tensor")
     assert spec("up_1_res_0", "conv1", "kernel") == P(None, "fsdp", None)
+    assert spec("time_embed", "fc2", "kernel") == P()
     batch_shardings = parallel.batch_shardings(mesh, batch)
     step = jax.jit(_loss_and_grads(model), in_shardings=(param_shardings, batch_shardings),
                    out_shardings=((parallel.replicated(mesh), batch_shardings["x"]),
@@ -244,8 +249,8 @@ def test_sharded_remat_step_equals_single_device(params, batch, reference):
     with jax.set_mesh(mesh):
         result = step(jax.device_put(params, param_shardings),
                       jax.device_put(batch, batch_shardings))
-    kernel = result[1]["params"]["up_1_res_0"]["conv1"]["kernel"]
-    assert kernel.sharding.spec == P(None, "fsdp", None)
+    kernel = result[1]["params"]["mid_attn"]["block_0"]["attn"]["query"]["kernel"]
+    assert kernel.sharding.spec == P("fsdp", "tensor")
     _assert_same(jax.device_get(result), reference, 1e-4)
 
 
