@@ -151,3 +151,15 @@ def test_every_array_of_a_model_names_its_axes(model, mesh):
     # The result has the unboxed state's structure, as jit's shardings must.
     assert (jax.tree_util.tree_structure(shardings)
             == jax.tree_util.tree_structure(nn.meta.unbox(state)))
+
+
+def test_readme_sharding_example_runs():
+    import os
+    import re
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    section = readme[readme.index("## Sharding\n"):]
+    code = re.findall(r"```python\n(.*?)```", section, re.S)[0]
+    ns = {}
+    exec(compile(code, "README.md", "exec"), ns)
+    block = ns["specs"]["params"]["text"]["transformer"]["block_0"]
+    assert block["attn"]["query"]["kernel"].spec == P("fsdp", "tensor")
