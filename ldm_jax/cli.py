@@ -383,6 +383,32 @@ def cmd_eval_generation(args, cfg):
     _print_json(result, args.json, ldm_seed=stage.get("seed"), eval_seed=e.seed)
 
 
+def _latent_frame_rate(cfg) -> float:
+    """The latent frame rate of an experiment's codec (a chain's `codec` section or a codec
+    experiment's `model`)."""
+    from ldm_jax.codec import CodecConfig
+    section = cfg.codec.model if "codec" in cfg else cfg.model
+    return CodecConfig.from_dict(section).frame_rate
+
+
+def cmd_controls_extract(args, cfg):
+    import json
+
+    from ldm_jax import controls
+    from ldm_jax.controls import analysis
+    rate = args.frame_rate or _latent_frame_rate(cfg)
+    found = controls.controls_from_file(args.input, frame_rate=rate,
+                                        beats_per_bar=args.beats_per_bar)
+    out = analysis.to_json(found)
+    paths.write_text(args.json, json.dumps(out, indent=1) + "\n")
+    if args.plot:
+        analysis.plot(found, args.plot)
+    have = [k for k in ("melody", "dynamics_db", "beats") if k in out]
+    print(f"{args.json}: {', '.join(have)} at {rate:g} frames/s, {out['num_frames']} frames"
+          + (f"; {len(out['beats'])} beats, {len(out['downbeats'])} downbeats"
+             if "beats" in out else ""))
+
+
 def cmd_export(args, cfg):
     from ldm_jax import export
     summary = export.export(args.stage_dir, args.output, use_ema=not args.raw)
@@ -656,6 +682,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p, workdir=False)
     _add_distributed(p)
     p.set_defaults(func=cmd_codec_import_dac, leader=True)
+
+    ctl = sub.add_parser("controls", help="musical controls: melody, dynamics, rhythm",
+                         epilog=EPILOG)
+    ctl_sub = ctl.add_subparsers(dest="controls_command", metavar="ACTION", required=True)
+    p = ctl_sub.add_parser("extract", help="controls of an audio file, a MIDI file or a "
+                           "dynamics CSV (time,db) as JSON", epilog=EPILOG)
+    p.add_argument("input", help="audio (.wav .flac .mp3 .ogg), MIDI (.mid) or CSV (time,db)")
+    p.add_argument("--json", required=True, help="write the controls here")
+    p.add_argument("--frame-rate", type=POSITIVE, default=None, metavar="HZ",
+                   help="control frames per second (default: the latent frame rate of the "
+                        "config's codec, 50 for tiny)")
+    p.add_argument("--beats-per-bar", type=POSITIVE_INT, default=4,
+                   help="for the downbeat estimate of audio (default 4)")
+    p.add_argument("--plot", default=None, metavar="PNG", help="also draw the controls")
+    _add_config(p, workdir=False)
+    p.set_defaults(func=cmd_controls_extract)
 
     p = sub.add_parser("export", help="a trained stage as one portable model file",
                        epilog="ldm_jax.codec.load, ldm_jax.clap.load and ldm_jax.diffusion.load "
