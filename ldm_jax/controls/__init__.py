@@ -24,10 +24,10 @@ from ldm_jax.controls.metrics import (
     melody_accuracy,
     pooled_dynamics_correlation,
 )
-from ldm_jax.controls.symbolic import controls_from_midi, dynamics_from_csv
+from ldm_jax.controls.symbolic import controls_from_midi, dynamics_from_csv, melody_from_notes
 
 __all__ = ["ControlsError", "FeatureConfig", "activation", "beat_f1", "beat_grid",
            "controls_from_audio", "controls_from_file", "controls_from_midi", "dynamics",
            "dynamics_correlation", "dynamics_from_csv", "estimate_downbeats", "extract",
-           "melody", "melody_accuracy", "onset_strength", "pooled_dynamics_correlation",
-           "to_json", "track_beats"]
+           "melody", "melody_accuracy", "melody_from_notes", "onset_strength",
+           "pooled_dynamics_correlation", "to_json", "track_beats"]

@@ -10,8 +10,9 @@ frame t describes time t / frame_rate):
   mask (frames whose energy above the cutoff is below `voicing_db` dBFS carry no melody). The
   filter is applied as its magnitude response on the STFT bins, which is what a chromagram of
   the filtered signal sees.
-- dynamics: frame energy in dB of the mel-weighted power spectrum, smoothed by a Savitzky-Golay
-  filter of about one second (edge frames padded with their nearest value).
+- dynamics: frame energy in dB of the mel-weighted power spectrum, floored `dynamics_range_db`
+  below the clip's loudest frame, smoothed by a Savitzky-Golay filter of about one second (edge
+  frames padded with their nearest value).
 - rhythm: librosa's onset strength (spectral flux of the log-mel spectrogram, mean over bands),
   differentiable; discrete beats and downbeats from it on the host (`beats.py`).
 
@@ -52,6 +53,8 @@ class FeatureConfig:
         carry no melody.
       temperature: of the soft melody's softmax over the max-normalised chroma.
       n_mels: mel bands of the dynamics and onset features.
+      dynamics_range_db: frames quieter than the clip's loudest by more than this are raised
+        to that floor before smoothing.
       smooth_seconds: Savitzky-Golay window of the dynamics curve (rounded to an odd number of
         frames, at most the clip's length).
       smooth_order: polynomial order of that filter.
@@ -64,6 +67,7 @@ class FeatureConfig:
     voicing_db: float = -45.0
     temperature: float = 0.05
     n_mels: int = 64
+    dynamics_range_db: float = 30.0
     smooth_seconds: float = 1.0
     smooth_order: int = 2
 
@@ -184,6 +188,9 @@ def dynamics_from_power(power: jax.Array, cfg: FeatureConfig,
     fb = jnp.asarray(dsp.mel_filterbank(cfg.sample_rate, cfg.n_fft, cfg.n_mels))
     energy = jnp.sum((power / coverage) @ fb, axis=-1)
     raw = 10.0 * jnp.log10(jnp.maximum(energy, 1e-10))
+    # Rests and silence sit at most `dynamics_range_db` below the clip's loudest frame, so a
+    # breath between phrases is a dip, not a fall to the numerical floor.
+    raw = jnp.maximum(raw, jnp.max(raw, axis=-1, keepdims=True) - cfg.dynamics_range_db)
     window = smoothing_window(cfg, power.shape[-2])
     return {"raw_db": raw, "db": savgol(raw, window, cfg.smooth_order)}
 

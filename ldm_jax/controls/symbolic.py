@@ -44,6 +44,35 @@ def velocity_db(velocity) -> np.ndarray:
     return np.maximum(db, SILENT_DB)
 
 
+def melody_from_notes(onsets, offsets, pitches, num_frames: int, frame_rate: float
+                      ) -> dict[str, np.ndarray]:
+    """The melody of a list of notes: in each frame the pitch class of the highest sounding note.
+
+    Args:
+      onsets, offsets: note start and end times in seconds, [notes].
+      pitches: MIDI note numbers, [notes].
+      num_frames: frames of the control; frame t is at t / frame_rate.
+      frame_rate: frames per second.
+
+    Returns:
+      {"pitch_class": int [frames] (-1 where no note sounds), "voiced": bool [frames],
+       "one_hot": float32 [frames, 12]}.
+    """
+    t = np.arange(int(num_frames))[:, None] / float(frame_rate)
+    onsets, offsets = np.asarray(onsets, np.float64), np.asarray(offsets, np.float64)
+    pitches = np.asarray(pitches, np.int64)
+    if pitches.size:
+        sounding = (t >= onsets[None, :]) & (t < offsets[None, :])
+        top = np.max(np.where(sounding, pitches[None, :], -1), axis=1)
+    else:
+        top = np.full(int(num_frames), -1)
+    voiced = top >= 0
+    pitch_class = np.where(voiced, top % 12, -1)
+    one_hot = np.zeros((int(num_frames), 12), np.float32)
+    one_hot[np.flatnonzero(voiced), pitch_class[voiced]] = 1.0
+    return {"pitch_class": pitch_class, "voiced": voiced, "one_hot": one_hot}
+
+
 def controls_from_midi(path: str | os.PathLike, cfg: FeatureConfig, *,
                        seconds: float | None = None) -> dict:
     """Melody, dynamics and rhythm controls of a MIDI file.
@@ -61,26 +90,19 @@ def controls_from_midi(path: str | os.PathLike, cfg: FeatureConfig, *,
     end = float(pm.get_end_time()) if seconds is None else float(seconds)
     frames = cfg.num_frames(int(round(end * cfg.sample_rate)))
     t = np.arange(frames) / cfg.frame_rate
-    top = np.full(frames, -1)
+    notes = [n for inst in pm.instruments if not inst.is_drum for n in inst.notes]
+    melody = melody_from_notes([n.start for n in notes], [n.end for n in notes],
+                               [n.pitch for n in notes], frames, cfg.frame_rate)
     loudest = np.zeros(frames)
-    for inst in pm.instruments:
-        if inst.is_drum:
-            continue
-        for note in inst.notes:
-            on = (t >= note.start) & (t < note.end)
-            top = np.where(on & (note.pitch > top), note.pitch, top)
-            loudest = np.where(on, np.maximum(loudest, note.velocity), loudest)
-    voiced = top >= 0
-    pitch_class = np.where(voiced, top % 12, -1)
-    one_hot = np.zeros((frames, 12), np.float32)
-    one_hot[np.flatnonzero(voiced), pitch_class[voiced]] = 1.0
+    for n in notes:
+        on = (t >= n.start) & (t < n.end)
+        loudest = np.where(on, np.maximum(loudest, n.velocity), loudest)
     raw = velocity_db(loudest).astype(np.float32)
     smooth = np.asarray(savgol(raw, smoothing_window(cfg, frames), cfg.smooth_order))
     beats = np.asarray(pm.get_beats(), np.float64)
     downbeats = np.asarray(pm.get_downbeats(), np.float64)
     beats, downbeats = beats[beats < end], downbeats[downbeats < end]
-    return {"num_frames": frames,
-            "melody": {"pitch_class": pitch_class, "voiced": voiced, "one_hot": one_hot},
+    return {"num_frames": frames, "melody": melody,
             "dynamics": {"raw_db": raw, "db": smooth},
             "rhythm": beat_grid(beats, downbeats, frames, cfg.frame_rate)}
 

@@ -175,7 +175,7 @@ def _arpeggio(rng, tonic, chords, low, bpm):
     return notes
 
 
-def _groove(rng, name, bpm, seconds, level):
+def _groove(rng, name, bpm, seconds, level, bar_accent=False):
     kick, snare, hat, open_hat = GROOVES[name]
     step = 15.0 / bpm
     times, names, velocities = [], [], []
@@ -184,6 +184,8 @@ def _groove(rng, name, bpm, seconds, level):
                                     (hat, "hat", 0.45), (open_hat, "open_hat", 0.4)):
             if pattern[i % 16] == "x":
                 accent = 1.0 if i % 4 == 0 else 0.8
+                if bar_accent and i % 16:
+                    accent *= 0.8  # the bar's first step stands out
                 times.append(i * step)
                 names.append(drum)
                 velocities.append(level * gain * accent * rng.uniform(0.9, 1.0))
@@ -334,26 +336,69 @@ def _rms(x):
     return float(np.sqrt(np.mean(np.square(x, dtype=np.float64)) + 1e-12))
 
 
+DYNAMICS = ("crescendo", "decrescendo", "swell", "accents")
+BEATS_PER_BAR = 4  # every pattern is in 4/4: 16-step grooves, chords change on the bar
+
+
+def dynamics_curve(rng: np.random.Generator, shape: str, seconds: float, beat: float
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """A level curve in dB over the clip as breakpoints (times, dB), linear in between.
+
+    crescendo and decrescendo span 12-20 dB; a swell rises that much to a peak in the middle
+    third and falls back; accents hold a level 8-12 dB below two to four beats played at full
+    level (50 ms ramps), as sforzandi.
+    """
+    span = rng.uniform(12.0, 20.0)
+    if shape == "crescendo":
+        return np.array([0.0, seconds]), np.array([-span, 0.0])
+    if shape == "decrescendo":
+        return np.array([0.0, seconds]), np.array([0.0, -span])
+    if shape == "swell":
+        peak = rng.uniform(seconds / 3, 2 * seconds / 3)
+        return np.array([0.0, peak, seconds]), np.array([-span, 0.0, -span])
+    if shape != "accents":
+        raise ValueError(f"unknown dynamics shape {shape!r}; use one of {', '.join(DYNAMICS)}")
+    floor, ramp = -rng.uniform(8.0, 12.0), 0.05
+    beats = np.arange(1, int(seconds / beat) - 1, 2)  # two beats apart: accents never touch
+    chosen = np.sort(rng.choice(beats, size=min(len(beats), int(rng.integers(2, 5))),
+                                replace=False)) * beat
+    times, levels = [0.0], [floor]
+    for t in chosen:
+        times += [t - ramp, t, t + beat - ramp, t + beat]
+        levels += [floor, 0.0, 0.0, floor]
+    times.append(seconds)
+    levels.append(floor)
+    return np.array(times), np.array(levels)
+
+
 def render(attributes: dict, rng: np.random.Generator, sample_rate: int = 16000,
-           seconds: float = 4.0) -> tuple[np.ndarray, float]:
+           seconds: float = 4.0, controls: bool = False) -> tuple[np.ndarray, float] | tuple:
     """Plays the attributes of `sample_attributes` as audio.
 
     Args:
-      attributes: instrument, key, mode, tempo_bpm, pattern, with_drums, loudness.
+      attributes: instrument, key, mode, tempo_bpm, pattern, with_drums, loudness (and with
+        `controls`, dynamics: one of DYNAMICS).
       rng: source of every musical and timbral choice.
       sample_rate: output rate in Hz.
       seconds: clip length.
+      controls: also vary the level within the clip (`dynamics_curve`), accent the first beat
+        of each bar, and return the ground truth of the controls.
 
     Returns:
-      (audio float32 [round(seconds * sample_rate)] with peak <= 0.99, measured loudness in LUFS).
+      (audio float32 [round(seconds * sample_rate)] with peak <= 0.99, measured loudness in LUFS),
+      and with `controls` a third item: {"beats", "downbeats": seconds; "note_onsets",
+      "note_offsets": seconds, "note_pitches": MIDI numbers of the pitched notes;
+      "gain_times", "gain_db": the level curve's breakpoints}.
     """
     num_samples = int(round(seconds * sample_rate))
     instrument, bpm = attributes["instrument"], float(attributes["tempo_bpm"])
     beat = 60.0 / bpm
     params = instruments.voice_params(instrument, rng)
+    notes_out = (np.zeros(0), np.zeros(0), np.zeros(0, np.int32))
     if instrument == "drum_kit":
         names = tuple(g for g in GROOVES if g != "light")
-        times, hits, velocities = _groove(rng, names[rng.integers(len(names))], bpm, seconds, 1.0)
+        times, hits, velocities = _groove(rng, names[rng.integers(len(names))], bpm, seconds, 1.0,
+                                          bar_accent=controls)
         mix = instruments.render_drums(times, hits, velocities, sample_rate, num_samples, params,
                                        rng)
     else:
@@ -369,22 +414,41 @@ def render(attributes: dict, rng: np.random.Generator, sample_rate: int = 16000,
         else:
             notes = _arpeggio(rng, tonic, chords, low + (0 if instrument == "bass" else 5), bpm)
         onsets, durations, pitches, accents = (np.array(v, np.float64) for v in zip(*notes))
+        if controls:  # the first beat of each bar played louder than the others
+            accents = accents * np.where(onsets % BEATS_PER_BAR == 0, 1.0, 0.8)
         legato = rng.uniform(0.75, 0.95)
         velocities = np.clip(accents * rng.uniform(0.85, 1.0, len(accents)), 0.05, 1.0)
         mix = instruments.render_notes(instrument, onsets * beat, durations * beat * legato,
                                        pitches, velocities, sample_rate, num_samples, params, rng)
+        inside = onsets * beat < seconds
+        notes_out = (onsets[inside] * beat,
+                     np.minimum((onsets + durations * legato)[inside] * beat, seconds),
+                     pitches[inside].astype(np.int32))
         if attributes["with_drums"]:
-            times, hits, drum_vel = _groove(rng, "light", bpm, seconds, 1.0)
+            times, hits, drum_vel = _groove(rng, "light", bpm, seconds, 1.0,
+                                            bar_accent=controls)
             kit = instruments.voice_params("drum_kit", rng)
             drums = instruments.render_drums(times, hits, drum_vel, sample_rate, num_samples,
                                              kit, rng)
             # The instrument stays in front: drums about 10 dB below it.
             level = 10.0 ** (-rng.uniform(8.0, 12.0) / 20.0) * _rms(mix) / _rms(drums)
             mix = mix + np.float32(level) * drums
+    if controls:
+        gain_times, gain_db = dynamics_curve(rng, attributes["dynamics"], seconds, beat)
+        t = np.arange(num_samples) / sample_rate
+        mix = mix * (10.0 ** (np.interp(t, gain_times, gain_db) / 20.0)).astype(np.float32)
     fade = min(int(0.01 * sample_rate), num_samples)
     mix[num_samples - fade:] *= np.linspace(1.0, 0.0, fade, dtype=np.float32)
     target = rng.uniform(*LOUDNESS_RANGES[attributes["loudness"]])
-    return normalize_loudness(mix, sample_rate, target)
+    audio, lufs = normalize_loudness(mix, sample_rate, target)
+    if not controls:
+        return audio, lufs
+    beats = np.arange(int(np.ceil(seconds / beat))) * beat
+    beats = beats[beats < seconds]
+    truth = {"beats": beats, "downbeats": beats[::BEATS_PER_BAR], "note_onsets": notes_out[0],
+             "note_offsets": notes_out[1], "note_pitches": notes_out[2],
+             "gain_times": gain_times, "gain_db": gain_db}
+    return audio, lufs, truth
 
 
 def limit(audio: np.ndarray, sample_rate: int, ceiling: float = PEAK) -> np.ndarray:
@@ -422,7 +486,7 @@ def normalize_loudness(audio: np.ndarray, sample_rate: int, target_lufs: float
 
 
 def generate_example(seed: int, index: int, split: str, sample_rate: int = 16000,
-                     seconds: float = 4.0) -> dict:
+                     seconds: float = 4.0, controls: bool = False) -> dict:
     """One captioned clip, a pure function of its arguments.
 
     Args:
@@ -432,18 +496,29 @@ def generate_example(seed: int, index: int, split: str, sample_rate: int = 16000
       sample_rate: output rate in Hz.
       seconds: clip length.
 
+      controls: clips whose level changes (a `dynamics` attribute, one of DYNAMICS) with the
+        ground truth of their controls (see `render`); the captions are unchanged.
+
     Returns:
       {"audio": float32 [round(seconds * sample_rate)] in [-1, 1], "caption": str,
        "instrument", "key" ("" for drum_kit), "mode" ("" for drum_kit), "tempo_bpm": float,
-       "pattern", "with_drums": bool, "loudness_db": measured LUFS, "loudness": str}.
+       "pattern", "with_drums": bool, "loudness_db": measured LUFS, "loudness": str}, and with
+      `controls` also "dynamics" and the ground-truth arrays of `render`.
     """
     if seconds <= 0 or sample_rate < 4000:
         raise ValueError(f"synthetic clips need seconds > 0 and sample_rate >= 4000, got "
                          f"seconds={seconds}, sample_rate={sample_rate}")
     sequence = np.random.SeedSequence([int(seed), zlib.crc32(split.encode()), int(index)])
     attribute_seq, music_seq, caption_seq = sequence.spawn(3)
-    attributes = sample_attributes(np.random.default_rng(attribute_seq))
-    audio, loudness_db = render(attributes, np.random.default_rng(music_seq), int(sample_rate),
-                                float(seconds))
+    attribute_rng = np.random.default_rng(attribute_seq)
+    attributes = sample_attributes(attribute_rng)
     caption = caption_for(attributes, np.random.default_rng(caption_seq))
-    return {"audio": audio, "caption": caption, **attributes, "loudness_db": loudness_db}
+    if not controls:
+        audio, loudness_db = render(attributes, np.random.default_rng(music_seq),
+                                    int(sample_rate), float(seconds))
+        return {"audio": audio, "caption": caption, **attributes, "loudness_db": loudness_db}
+    attributes["dynamics"] = DYNAMICS[attribute_rng.integers(len(DYNAMICS))]
+    audio, loudness_db, truth = render(attributes, np.random.default_rng(music_seq),
+                                       int(sample_rate), float(seconds), controls=True)
+    return {"audio": audio, "caption": caption, **attributes, "loudness_db": loudness_db,
+            **truth}

@@ -25,12 +25,19 @@ NAME = "synthetic_music"
 TEXT_FIELDS = ("caption", "instrument", "key", "mode", "pattern", "loudness", "id")
 FLOAT_FIELDS = ("tempo_bpm", "loudness_db")
 BOOL_FIELDS = ("with_drums",)
+# With `data.controls`: the level-curve shape and the ground truth of the controls
+# (`synthetic.render`), float32 seconds except the MIDI pitches.
+CONTROL_TEXT_FIELDS = ("dynamics",)
+CONTROL_ARRAYS = {"beats": np.float32, "downbeats": np.float32, "note_onsets": np.float32,
+                  "note_offsets": np.float32, "note_pitches": np.int32, "gain_times": np.float32,
+                  "gain_db": np.float32}
 # Below this many examples, starting worker processes costs more than it saves.
 MIN_EXAMPLES_FOR_WORKERS = 64
 
 
-def features() -> dict:
-    """The feature dict: audio float32 `[time]`, text attributes, float32 and bool scalars."""
+def features(controls: bool = False) -> dict:
+    """The feature dict: audio float32 `[time]`, text attributes, float32 and bool scalars; with
+    `controls`, the dynamics shape and the ground-truth arrays (CONTROL_ARRAYS)."""
     import tensorflow_datasets as tfds
 
     from ldm_jax.data.tfds_common import audio_feature
@@ -39,6 +46,10 @@ def features() -> dict:
     spec.update({k: tfds.features.Text() for k in TEXT_FIELDS})
     spec.update({k: tfds.features.Scalar(dtype=np.float32) for k in FLOAT_FIELDS})
     spec.update({k: tfds.features.Scalar(dtype=np.bool_) for k in BOOL_FIELDS})
+    if controls:
+        spec.update({k: tfds.features.Text() for k in CONTROL_TEXT_FIELDS})
+        spec.update({k: tfds.features.Tensor(shape=(None,), dtype=dtype)
+                     for k, dtype in CONTROL_ARRAYS.items()})
     return spec
 
 
@@ -55,26 +66,33 @@ def params_from_config(data_cfg) -> dict:
     if params["clip_seconds"] <= 0 or params["sample_rate"] <= 0:
         raise DataError("synthetic_music needs clip_seconds > 0 and sample_rate > 0; fix "
                         "--config.data.clip_seconds / sample_rate")
+    # Recorded only when on, so that builds made before the option compare equal.
+    if data_cfg.get("controls", False):
+        params["controls"] = True
     return params
 
 
-def make_example(job: tuple[int, int, str, int, float]) -> tuple[str, dict]:
-    """One stored example from `(seed, index, split, sample_rate, seconds)`; runs in workers."""
-    seed, index, split, sample_rate, seconds = job
+def make_example(job: tuple[int, int, str, int, float, bool]) -> tuple[str, dict]:
+    """One stored example from `(seed, index, split, sample_rate, seconds, controls)`; runs in
+    workers."""
+    seed, index, split, sample_rate, seconds, controls = job
     example = synthetic.generate_example(seed, index, split, sample_rate=sample_rate,
-                                         seconds=seconds)
+                                         seconds=seconds, controls=controls)
     key = f"{split}_{index:08d}"
     out = {"audio": np.asarray(example["audio"], np.float32), "id": key}
     out.update({k: str(example[k]) for k in TEXT_FIELDS if k != "id"})
     out.update({k: np.float32(example[k]) for k in FLOAT_FIELDS})
     out.update({k: np.bool_(example.get(k, False)) for k in BOOL_FIELDS})
+    if controls:
+        out.update({k: str(example[k]) for k in CONTROL_TEXT_FIELDS})
+        out.update({k: np.asarray(example[k], dtype) for k, dtype in CONTROL_ARRAYS.items()})
     return key, out
 
 
 def _examples(params: dict, split: str, count: int, pool
               ) -> Callable[[], Iterator[tuple[str, dict]]]:
-    jobs = [(params["seed"], i, split, params["sample_rate"], params["clip_seconds"])
-            for i in range(count)]
+    jobs = [(params["seed"], i, split, params["sample_rate"], params["clip_seconds"],
+             bool(params.get("controls", False))) for i in range(count)]
 
     def generate():
         if pool is None:
@@ -96,7 +114,8 @@ def build_synthetic_music(data_cfg, data_dir: str, *, overwrite: bool = False,
     """Builds `synthetic_music` into DATA_DIR (skipped when an identical build is complete).
 
     Args:
-      data_cfg: the `data` config section (sample_rate, clip_seconds, num_train, num_test, seed).
+      data_cfg: the `data` config section (sample_rate, clip_seconds, num_train, num_test, seed,
+        and optionally controls: clips with varying dynamics and stored control ground truth).
       data_dir: TFDS data directory.
       overwrite: replace a build made with other parameters instead of refusing.
       workers: generator processes; None uses the CPU count (one process for tiny builds).
@@ -127,7 +146,8 @@ def build_synthetic_music(data_cfg, data_dir: str, *, overwrite: bool = False,
             pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(workers))
         splits = {split: SplitSpec(count, _examples(params, split, count, pool))
                   for split, count in splits_count.items() if count > 0}
-        write_dataset(NAME, data_dir, features=features(), splits=splits, params=params,
+        write_dataset(NAME, data_dir, features=features(bool(params.get("controls", False))),
+                      splits=splits, params=params,
                       summary={"splits": splits_count},
                       description="Procedural captioned music clips (ldm_jax.data.synthetic).",
                       progress=progress)
