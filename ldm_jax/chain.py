@@ -384,6 +384,49 @@ def _codec_scores(cfg, workdir):
     return inference.evaluate(loaded, clips, batch_size=cfg.codec.eval.batch_size)
 
 
+def feature_config(cfg):
+    """The control features of chain experiment CFG: its `controls.features` section at the
+    data's sample rate, at the codec's latent frame rate unless the section sets one."""
+    from ldm_jax.codec import CodecConfig
+    from ldm_jax.controls import FeatureConfig
+    fields = dict(cfg.controls.features)
+    if not fields.get("frame_rate"):
+        fields["frame_rate"] = CodecConfig.from_dict(cfg.codec.model).frame_rate
+    return FeatureConfig(sample_rate=int(cfg.data.sample_rate), **fields)
+
+
+def controls_ceiling(cfg, workdir, *, num_examples: int | None = None) -> dict:
+    """Controls extracted from the real test clips and from their codec reconstructions,
+    scored against the clips' ground truth (`ldm_jax.controls.evaluate`): what the codec lets
+    through, the ceiling of every controlled generator on this data."""
+    from ldm_jax.codec import inference
+    from ldm_jax.controls import evaluate as control_eval
+    from ldm_jax.data import builders
+    features = feature_config(cfg)
+    e = cfg.controls.eval
+    source = builders.open_split(data_dir(cfg, workdir), cfg.data.name, "test")
+    clips = builders.Column(source, None, num_examples or e.num_examples)
+    loaded = inference.load_trained(os.path.join(workdir, "codec"))
+    if loaded.sample_rate != features.sample_rate:
+        raise config_lib.ConfigError(f"the codec runs at {loaded.sample_rate} Hz and the data at "
+                                     f"{features.sample_rate} Hz")
+
+    def reconstruct(x):
+        return loaded.decode(loaded.encode(x[..., None])["z"])[..., 0]
+
+    out = {"frame_rate": features.frame_rate, "num_clips": len(clips)}
+    for name, transform in (("real", None), ("codec", reconstruct)):
+        scores = control_eval.score_clips(clips, features, transform=transform,
+                                          batch_size=e.batch_size, seed=e.seed)
+        for metric in control_eval.METRICS:
+            s = scores[metric]
+            out[f"{name}/{metric}"] = s["mean"]
+            out[f"{name}/{metric}/n"] = s["n"]
+            out[f"{name}/{metric}/ci95"] = s["ci95"]
+        out[f"{name}/dynamics_correlation_pooled"] = scores["dynamics_correlation_pooled"]
+    return out
+
+
 def _clap_scores(cfg, workdir):
     from ldm_jax.clap import evaluate as clap_eval
     return clap_eval.evaluate(None, os.path.join(workdir, "clap"), data_dir(cfg, workdir))
@@ -404,6 +447,14 @@ def evaluations() -> list[Evaluation]:
         Evaluation(name="codec_eval", title="codec", after="codec", section="codec.eval",
                    path="codec/eval.json", evaluate=_codec_scores,
                    seeds=lambda cfg: {"codec_seed": cfg.codec.seed}),
+        Evaluation(name="controls_eval", title="controls (ceiling)", after="codec",
+                   section="controls", path="codec/controls.json", evaluate=controls_ceiling,
+                   seeds=lambda cfg: {"codec_seed": cfg.codec.seed,
+                                      "bootstrap_seed": cfg.controls.eval.seed},
+                   summary=("real/melody_accuracy", "real/dynamics_correlation",
+                            "real/beat_f1", "real/downbeat_f1", "codec/melody_accuracy",
+                            "codec/dynamics_correlation", "codec/beat_f1",
+                            "codec/downbeat_f1")),
         Evaluation(name="clap_eval", title="clap", after="clap", section="clap.eval",
                    path="clap/eval.json", evaluate=_clap_scores,
                    seeds=lambda cfg: {"clap_seed": cfg.clap.seed},
@@ -470,6 +521,7 @@ def registry() -> dict[str, Stage]:
               done=_steps_done("codec"), run=_trained("codec"),
               outputs=("codec", "logs/codec"), all_hosts=True),
         evals["codec_eval"],
+        evals["controls_eval"],
         Stage(name="clap", after=("data", "tokenizer"), sections=("data", "tokenizer", "clap"),
               done=_steps_done("clap"), run=_trained("clap"), outputs=("clap", "logs/clap"),
               all_hosts=True),
@@ -487,9 +539,13 @@ def registry() -> dict[str, Stage]:
     return {s.name: s for s in stages}
 
 
+# Stages only the experiments that declare them run (they need what the default data lacks).
+OPTIONAL_STAGES = ("controls_eval",)
+
+
 def default_stages() -> list[Stage]:
     """The chain of DESIGN.md, as far as its models exist."""
-    return list(registry().values())
+    return [s for s in registry().values() if s.name not in OPTIONAL_STAGES]
 
 
 def is_chain(cfg) -> bool:

@@ -383,6 +383,21 @@ def cmd_eval_generation(args, cfg):
     _print_json(result, args.json, ldm_seed=stage.get("seed"), eval_seed=e.seed)
 
 
+def cmd_eval_controls(args, cfg):
+    from ldm_jax import chain
+    if not args.ceiling:
+        raise config_lib.ConfigError("say --ceiling: the controls of the real test clips and "
+                                     "of their codec reconstructions against the ground truth")
+    if "controls" not in cfg or not chain.is_chain(cfg):
+        raise config_lib.ConfigError("the controls ceiling needs a chain experiment with a "
+                                     "`controls` section and data built with controls, e.g. "
+                                     "--config controls_tiny")
+    workdir = _require_workdir(args)
+    result = chain.controls_ceiling(cfg, workdir, num_examples=args.max_clips or None)
+    _print_json(result, args.json, codec_seed=cfg.codec.seed,
+                bootstrap_seed=cfg.controls.eval.seed)
+
+
 def _latent_frame_rate(cfg) -> float:
     """The latent frame rate of an experiment's codec (a chain's `codec` section or a codec
     experiment's `model`)."""
@@ -632,6 +647,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p, default="ldm_tiny")
     _add_distributed(p)
     p.set_defaults(func=cmd_eval_generation)
+
+    p = ev_sub.add_parser("controls", help="melody, dynamics, beat and downbeat scores of "
+                          "the controls of real and codec-reconstructed test clips",
+                          epilog=EPILOG)
+    p.add_argument("--ceiling", action="store_true",
+                   help="score real test clips and their codec reconstructions against the "
+                        "ground truth stored with them (what the codec lets through)")
+    p.add_argument("--json", default=None, help="write the scores here")
+    p.add_argument("--max-clips", type=COUNT, default=0, help="score at most N clips (0: the "
+                   "config's controls.eval.num_examples)")
+    _add_config(p, default="controls_tiny")
+    _add_distributed(p)
+    p.set_defaults(func=cmd_eval_controls)
 
     clap = sub.add_parser("clap", help="use a trained CLAP: evaluate, retrieve", epilog=EPILOG)
     clap_sub = clap.add_subparsers(dest="clap_command", metavar="ACTION", required=True)

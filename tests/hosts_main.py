@@ -172,6 +172,22 @@ def check_clap_eval(workdir: str) -> dict:
     return {"metrics": metrics, "reference": reference}
 
 
+def controls_examples():
+    from ldm_jax.data import synthetic
+    return [synthetic.generate_example(2, i, "test", 16000, 3.0, controls=True)
+            for i in range(3)]
+
+
+def check_controls_eval(workdir: str) -> dict:
+    """Scores of clips against their controls, one clip a batch shared among the hosts."""
+    from ldm_jax import controls
+    from ldm_jax.controls import evaluate as control_eval
+    cfg = controls.FeatureConfig(sample_rate=16000, frame_rate=50)
+    scores = control_eval.score_clips(controls_examples(), cfg, transform=lambda x: 0.5 * x,
+                                      batch_size=1)
+    return json.loads(json.dumps(scores))
+
+
 def check_unguarded_evaluation(workdir: str) -> list:
     """An evaluation that reads a parameter sharded over both hosts without gathering it."""
     import flax.linen as nn
@@ -222,6 +238,7 @@ def main(argv=None) -> int:
     result = {"process_count": jax.process_count(), "gather": check_gather(),
               "leader": check_leader(args.workdir), "read": check_read(args.workdir),
               "chain": check_chain(args.workdir), "clap_eval": check_clap_eval(args.workdir),
+              "controls_eval": check_controls_eval(args.workdir),
               "unguarded": check_unguarded_evaluation(args.workdir)}
     with open(os.path.join(args.out, f"host{jax.process_index()}.json"), "w") as f:
         json.dump(result, f, default=str)

@@ -80,6 +80,24 @@ def test_clap_evaluation_reads_parameters_that_span_the_hosts(two_hosts):
     assert two_hosts[0]["clap_eval"] == two_hosts[1]["clap_eval"]
 
 
+def test_control_scores_are_shared_among_hosts_and_equal_one_hosts(two_hosts):
+    from ldm_jax import controls
+    from ldm_jax.controls import evaluate as control_eval
+    cfg = controls.FeatureConfig(sample_rate=16000, frame_rate=50)
+    hosts_main = importlib.util.module_from_spec(
+        importlib.util.spec_from_file_location("hosts_main", os.path.join(HERE,
+                                                                         "hosts_main.py")))
+    hosts_main.__spec__.loader.exec_module(hosts_main)
+    alone = control_eval.score_clips(hosts_main.controls_examples(), cfg,
+                                     transform=lambda x: 0.5 * x, batch_size=1)
+    alone = json.loads(json.dumps(alone))
+    assert two_hosts[0]["controls_eval"] == two_hosts[1]["controls_eval"]
+    for metric in control_eval.METRICS:
+        got = two_hosts[0]["controls_eval"][metric]
+        assert got["n"] == alone[metric]["n"]
+        np.testing.assert_allclose(got["mean"], alone[metric]["mean"], rtol=1e-5)
+
+
 def test_an_evaluation_that_reads_arrays_spanning_hosts_says_so(two_hosts):
     for host in two_hosts:
         kind, message = host["unguarded"]

@@ -112,10 +112,10 @@ def captions(source, key: str = "caption", chunk: int = 256) -> list[str]:
 
 
 class Column(Sequence):
-    """`source[i][key]` for the first `n` examples, read when indexed: a host that handles some
-    batches of a split reads only those."""
+    """`source[i][key]` (the whole example when `key` is None) for the first `n` examples, read
+    when indexed: a host that handles some batches of a split reads only those."""
 
-    def __init__(self, source, key: str, n: int | None = None):
+    def __init__(self, source, key: str | None, n: int | None = None):
         self.source, self.key = source, key
         self.n = len(source) if n is None else min(int(n), len(source))
 
@@ -127,4 +127,5 @@ class Column(Sequence):
             return [self[i] for i in range(*index.indices(self.n))]
         if not -self.n <= index < self.n:
             raise IndexError(f"index {index} out of range for {self.n} examples")
-        return self.source[index % self.n][self.key]
+        example = self.source[index % self.n]
+        return example if self.key is None else example[self.key]

@@ -1,0 +1,45 @@
+"""The tiny chain on clips whose controls vary: the data the controlled generators train on.
+
+`synthetic_music` with `data.controls`: 8-second clips (4 to 10 bars) whose level follows a
+crescendo, decrescendo, swell or accents, with the first beat of each bar accented, storing the
+ground truth of their beats, downbeats, notes and level curve. The codec, CLAP and the U-Net are
+the `tiny` chain's; the U-Net trains on whole clips (400 latent frames) with half the batch and
+about the same frames seen. `controls_eval` scores the controls extracted from the real test
+clips and from their codec reconstructions against the ground truth (`codec/controls.json`):
+the ceiling of every controlled generator on this data.
+"""
+
+import dataclasses
+
+import ml_collections
+
+from experiments import tiny
+from ldm_jax.controls.features import FeatureConfig
+
+
+def feature_defaults() -> ml_collections.ConfigDict:
+    """`FeatureConfig`'s fields (its defaults; frame_rate 0: the codec's latent frame rate)."""
+    fields = {f.name: f.default for f in dataclasses.fields(FeatureConfig)
+              if f.name != "sample_rate"}
+    fields["frame_rate"] = 0.0
+    return ml_collections.ConfigDict(fields)
+
+
+def get_config(arg=None):
+    del arg
+    c = tiny.get_config()
+    c.stages = ("data", "tokenizer", "codec", "codec_eval", "controls_eval", "clap", "clap_eval",
+                "latents", "ldm", "samples", "generation_eval", "report")
+    c.data.clip_seconds = 8.0
+    c.data.num_train = 512
+    c.data.num_test = 64
+    c.data.controls = True
+    c.controls = ml_collections.ConfigDict()
+    c.controls.features = feature_defaults()
+    c.controls.eval = ml_collections.ConfigDict(dict(num_examples=64, batch_size=8, seed=0))
+    # Whole clips: 400 latent frames, 8 clips a step (tiny: 100 frames, 16 clips).
+    c.ldm.data.crop_seconds = 8.0
+    c.ldm.train.batch_size = 8
+    c.ldm.train.steps = 2000
+    c.ldm.eval.num_prompts = 64
+    return c
