@@ -6,14 +6,16 @@ ground truth of their beats, downbeats, notes and level curve. The codec, CLAP a
 the `tiny` chain's; the U-Net trains on whole clips (400 latent frames) with half the batch and
 about the same frames seen. `controls_eval` scores the controls extracted from the real test
 clips and from their codec reconstructions against the ground truth (`codec/controls.json`):
-the ceiling of every controlled generator on this data.
+the ceiling of every controlled generator on this data. The attribute judge (`judge`) is trained
+on the labels and scored on real and codec-reconstructed test clips (`judge/eval.json`); the
+generation evaluation then reports instrument adherence judged by it.
 """
 
 import dataclasses
 
 import ml_collections
 
-from experiments import tiny
+from experiments import judge_tiny, tiny
 from ldm_jax.controls.features import FeatureConfig
 
 
@@ -28,8 +30,9 @@ def feature_defaults() -> ml_collections.ConfigDict:
 def get_config(arg=None):
     del arg
     c = tiny.get_config()
-    c.stages = ("data", "tokenizer", "codec", "codec_eval", "controls_eval", "clap", "clap_eval",
-                "latents", "ldm", "samples", "generation_eval", "report")
+    c.stages = ("data", "tokenizer", "codec", "codec_eval", "controls_eval", "judge",
+                "judge_eval", "clap", "clap_eval", "latents", "ldm", "samples",
+                "generation_eval", "report")
     c.data.clip_seconds = 8.0
     c.data.num_train = 512
     c.data.num_test = 64
@@ -37,6 +40,12 @@ def get_config(arg=None):
     c.controls = ml_collections.ConfigDict()
     c.controls.features = feature_defaults()
     c.controls.eval = ml_collections.ConfigDict(dict(num_examples=64, batch_size=8, seed=0))
+    # The attribute judge, on 2-second crops of the training clips; it judges every generated
+    # clip's instrument beside CLAP's zero-shot guess.
+    c.judge = judge_tiny.get_config()
+    c.judge.data.crop_seconds = 2.0
+    c.judge.train.steps = 600
+    tiny.share_data(c)
     # Whole clips: 400 latent frames, 8 clips a step (tiny: 100 frames, 16 clips).
     c.ldm.data.crop_seconds = 8.0
     c.ldm.train.batch_size = 8

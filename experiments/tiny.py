@@ -78,7 +78,7 @@ def get_config(arg=None):
 
 def share_data(c):
     """Points every stage's data section at the chain's build parameters."""
-    for stage in ("codec", "clap", "ldm"):
+    for stage in ("codec", "clap", "ldm", "judge"):
         if stage in c:
             for key in BUILD_KEYS:
                 # A reference, so `--config.data.KEY=...` reaches every stage.

@@ -299,7 +299,8 @@ def _stage_steps_done(cfg, workdir, name):
 # What each trained stage reports from its history: the last value of this metric.
 TRAINERS = {"codec": ("ldm_jax.codec.train", "train/mel/loss", "mel_loss"),
             "clap": ("ldm_jax.clap.train", None, None),
-            "ldm": ("ldm_jax.diffusion.train", "train/loss", "loss")}
+            "ldm": ("ldm_jax.diffusion.train", "train/loss", "loss"),
+            "judge": ("ldm_jax.judge.train", "train/loss", "loss")}
 
 
 def train_stage(name: str, cfg, layout_):
@@ -348,6 +349,7 @@ class Evaluation:
       evaluate: `(cfg, workdir) -> scores`, called on every host (work shared by batches).
       seeds: `cfg -> {name: seed}` recorded in the JSON's provenance.
       summary: keys of the scores kept in the stage's summary (empty: all of them).
+      requires: other stages it reads besides `after`.
     """
 
     name: str
@@ -358,6 +360,7 @@ class Evaluation:
     evaluate: Callable
     seeds: Callable
     summary: tuple[str, ...] = ()
+    requires: tuple[str, ...] = ()
 
     def stage(self) -> Stage:
         def done(cfg, workdir):
@@ -371,8 +374,8 @@ class Evaluation:
                 paths.write_text(os.path.join(workdir, self.path), json.dumps(record, indent=2))
             return {k: scores[k] for k in (self.summary or scores) if k in scores}
 
-        return Stage(name=self.name, after=(self.after,), sections=(self.section,), done=done,
-                     run=run, all_hosts=True)
+        return Stage(name=self.name, after=(self.after, *self.requires),
+                     sections=(self.section,), done=done, run=run, all_hosts=True)
 
 
 def _codec_scores(cfg, workdir):
@@ -392,7 +395,7 @@ def feature_config(cfg):
     fields = dict(cfg.controls.features)
     if not fields.get("frame_rate"):
         fields["frame_rate"] = CodecConfig.from_dict(cfg.codec.model).frame_rate
-    return FeatureConfig(sample_rate=int(cfg.data.sample_rate), **fields)
+    return FeatureConfig.from_dict({"sample_rate": int(cfg.data.sample_rate), **fields})
 
 
 def controls_ceiling(cfg, workdir, *, num_examples: int | None = None) -> dict:
@@ -427,6 +430,29 @@ def controls_ceiling(cfg, workdir, *, num_examples: int | None = None) -> dict:
     return out
 
 
+def judge_scores(cfg, workdir) -> dict:
+    """The judge's accuracy on the real test clips and, where the chain has a trained codec, on
+    their codec reconstructions (the ceiling of a generator's judged adherence)."""
+    from ldm_jax.codec import inference
+    from ldm_jax.data import builders
+    from ldm_jax.judge import Predictor
+    from ldm_jax.judge import evaluate as judge_eval
+    e = cfg.judge.eval
+    predictor = Predictor.load(os.path.join(workdir, "judge"))
+    source = builders.open_split(data_dir(cfg, workdir), cfg.data.name, "test")
+    clips = builders.Column(source, None, e.num_examples)
+    out = {"num_clips": len(clips)}
+    transforms = {"real": None}
+    if _stage_steps_done(cfg, workdir, "codec"):
+        loaded = inference.load_trained(os.path.join(workdir, "codec"))
+        transforms["codec"] = lambda x: loaded.decode(loaded.encode(x[..., None])["z"])[..., 0]
+    for name, transform in transforms.items():
+        scores = judge_eval.accuracy(predictor, clips, transform=transform,
+                                     batch_size=e.batch_size, seed=e.seed)
+        out.update({f"{name}/{k}": v for k, v in scores.items()})
+    return out
+
+
 def _clap_scores(cfg, workdir):
     from ldm_jax.clap import evaluate as clap_eval
     return clap_eval.evaluate(None, os.path.join(workdir, "clap"), data_dir(cfg, workdir))
@@ -455,6 +481,13 @@ def evaluations() -> list[Evaluation]:
                             "real/beat_f1", "real/downbeat_f1", "codec/melody_accuracy",
                             "codec/dynamics_correlation", "codec/beat_f1",
                             "codec/downbeat_f1")),
+        Evaluation(name="judge_eval", title="attribute judge", after="judge",
+                   section="judge.eval", path="judge/eval.json", evaluate=judge_scores,
+                   seeds=lambda cfg: {"judge_seed": cfg.judge.get("seed"),
+                                      "bootstrap_seed": cfg.judge.eval.seed},
+                   summary=("real/instrument_accuracy", "codec/instrument_accuracy",
+                            "real/pattern_accuracy", "real/with_drums_accuracy"),
+                   requires=("codec",)),
         Evaluation(name="clap_eval", title="clap", after="clap", section="clap.eval",
                    path="clap/eval.json", evaluate=_clap_scores,
                    seeds=lambda cfg: {"clap_seed": cfg.clap.seed},
@@ -522,6 +555,10 @@ def registry() -> dict[str, Stage]:
               outputs=("codec", "logs/codec"), all_hosts=True),
         evals["codec_eval"],
         evals["controls_eval"],
+        Stage(name="judge", after=("data",), sections=("data", "judge"),
+              done=_steps_done("judge"), run=_trained("judge"), outputs=("judge", "logs/judge"),
+              all_hosts=True),
+        evals["judge_eval"],
         Stage(name="clap", after=("data", "tokenizer"), sections=("data", "tokenizer", "clap"),
               done=_steps_done("clap"), run=_trained("clap"), outputs=("clap", "logs/clap"),
               all_hosts=True),
@@ -540,7 +577,7 @@ def registry() -> dict[str, Stage]:
 
 
 # Stages only the experiments that declare them run (they need what the default data lacks).
-OPTIONAL_STAGES = ("controls_eval",)
+OPTIONAL_STAGES = ("controls_eval", "judge", "judge_eval")
 
 
 def default_stages() -> list[Stage]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +32,7 @@ import numpy as np
 import scipy.signal
 
 from ldm_jax.audio import dsp
+from ldm_jax.config import Section
 
 MIDDLE_C = 261.6
 
@@ -40,8 +42,8 @@ class ControlsError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
-class FeatureConfig:
-    """How the control features are computed.
+class FeatureConfig(Section):
+    """How the control features are computed (`from_dict` checks a config section's keys).
 
     Attributes:
       sample_rate: of the audio, Hz.
@@ -59,6 +61,10 @@ class FeatureConfig:
         frames, at most the clip's length).
       smooth_order: polynomial order of that filter.
     """
+
+    SECTION: ClassVar[str] = "controls.features"
+    LABEL: ClassVar[str] = "control feature config"
+    ERROR: ClassVar[type[Exception]] = ControlsError
 
     sample_rate: int
     frame_rate: float

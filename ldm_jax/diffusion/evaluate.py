@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 
 import numpy as np
 
@@ -94,14 +95,21 @@ def _mono(audio):
     return [a if a.ndim == 1 else a.mean(-1) for a in audio]
 
 
-def _embed_and_analyse(gen, clips, n: int, sample_rate: int, desc: str
+def _embed_and_analyse(gen, clips, n: int, sample_rate: int, desc: str, judge=None
                        ) -> tuple[np.ndarray, list[dict]]:
     """CLAP audio embeddings [n, E] and `music.analyse` results of the clips `clips(rows)`
-    ([T] each), in batches of the generator's size shared among the hosts."""
+    ([T] each), in batches of the generator's size shared among the hosts; with a `judge`
+    (`ldm_jax.judge.Predictor`), each analysis also holds its instrument (`judge_instrument`)."""
     def batch(rows: range):
         audio = _mono(clips(rows))
-        return (gen.clap.embed_audio(audio, sample_rate=sample_rate),
-                [music.analyse(c, sample_rate) for c in audio])
+        analyses = [music.analyse(c, sample_rate) for c in audio]
+        if judge is not None:
+            if judge.sample_rate != sample_rate:
+                raise ValueError(f"the judge hears {judge.sample_rate} Hz audio, the clips are "
+                                 f"{sample_rate} Hz")
+            for a, pick in zip(analyses, judge.predict(audio)["instrument"]):
+                a["judge_instrument"] = pick
+        return gen.clap.embed_audio(audio, sample_rate=sample_rate), analyses
 
     batches = parallel.map_batches(batch, n, gen.batch_size, desc=desc)
     return (np.concatenate([emb for emb, _ in batches]),
@@ -109,7 +117,7 @@ def _embed_and_analyse(gen, clips, n: int, sample_rate: int, desc: str
 
 
 def _generated_scores(gen, params, prompts, references, real_emb, text_emb, settings,
-                      desc: str) -> dict:
+                      desc: str, judge=None) -> dict:
     """Generates with U-Net `params` and scores the clips: fd_clap, clap_score, adherence
     (accuracies and the counts `n_...`) and, under `analyses`, the clips' analyses."""
     settings = dict(settings)
@@ -123,11 +131,21 @@ def _generated_scores(gen, params, prompts, references, real_emb, text_emb, sett
     gen.params = params
     try:
         emb, analyses = _embed_and_analyse(gen, generated, len(prompts), gen.sample_rate,
-                                           desc if progress else None)
+                                           desc if progress else None, judge)
     finally:
         gen.params = trained
     return {"fd_clap": frechet_distance(real_emb, emb), "clap_score": clap_score(emb, text_emb),
             **music.adherence(analyses, references), "analyses": analyses}
+
+
+def _judge(workdir: str):
+    """The attribute judge trained in W/judge, or None where the chain has none."""
+    from ldm_jax.judge import Predictor
+    from ldm_jax.judge.model import CONFIG_FILE
+    stage = os.path.join(workdir, "judge")
+    if not paths.isfile(os.path.join(stage, CONFIG_FILE)):
+        return None
+    return Predictor.load(stage)
 
 
 def _initial_params(gen, seed: int):
@@ -170,11 +188,14 @@ def evaluate_generation(workdir: str, data_dir_or_latents: str, *, num_prompts: 
       against permuted references (`shuffled/...`, 1000 permutations) and the permutation
       p-value of the true pairing (`p_value/...`, see `music.shuffled`); with `untrained`,
       `untrained/fd_clap`, `untrained/clap_score` and the untrained model's adherence
-      (`untrained/key_accuracy`...).
+      (`untrained/key_accuracy`...). Where W holds a trained attribute judge (W/judge), every
+      group also has `judge_instrument_accuracy`: instrument adherence judged independently
+      of CLAP.
     """
     from ldm_jax.diffusion import generate
 
     gen = generator or generate.Generator(workdir, batch_size=batch_size)
+    judge = _judge(workdir)
     data = load_prompts(data_dir_or_latents, num_prompts=num_prompts, split=split,
                         decode=gen.decode_latents)
     prompts, references, real = data["prompts"], data["references"], data["audio"]
@@ -185,10 +206,11 @@ def evaluate_generation(workdir: str, data_dir_or_latents: str, *, num_prompts: 
                     seed=seed, progress=progress)
     real_emb, real_analyses = _embed_and_analyse(
         gen, lambda rows: [real[i] for i in rows], len(real), real_rate,
-        "analyse real" if progress else None)
+        "analyse real" if progress else None, judge)
     text_emb = gen.clap.embed_text(prompts)
     score = functools.partial(_generated_scores, gen, prompts=prompts, references=references,
-                              real_emb=real_emb, text_emb=text_emb, settings=settings)
+                              real_emb=real_emb, text_emb=text_emb, settings=settings,
+                              judge=judge)
     generated = score(gen.params, desc="analyse generated")
     shuffled, p_values = music.shuffled(generated.pop("analyses"), references, seed=seed)
     result = {"num_prompts": len(prompts), "seconds": float(seconds), "steps": int(steps),

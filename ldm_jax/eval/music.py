@@ -149,14 +149,20 @@ def adherence(analyses: list[dict], references: list[dict]) -> dict:
     Returns:
       {"key_accuracy", "mode_accuracy", "key_mode_accuracy", "tempo_accuracy",
        "tempo_octave_accuracy", "loudness_accuracy"} (NaN where no reference has the field), and
-      the counts "n_key", "n_tempo", "n_loudness".
+      the counts "n_key", "n_tempo", "n_loudness"; where analyses carry the attribute judge's
+      pick (`judge_instrument`), also "judge_instrument_accuracy" and "n_judged".
     """
     pairs = list(zip(analyses, references))
     keyed = [(a, r) for a, r in pairs if r.get("key")]
     timed = [(a, r) for a, r in pairs if float(r.get("tempo_bpm") or 0) > 0]
     loud = [(a, r) for a, r in pairs if r.get("loudness")]
+    judged = [(a, r) for a, r in pairs if r.get("instrument") and "judge_instrument" in a]
     mean = lambda xs: float(np.mean(xs)) if xs else float("nan")
-    return {
+    # The attribute judge's instrument (`ldm_jax.judge`), where the clips were judged.
+    extra = {"judge_instrument_accuracy": mean([a["judge_instrument"] == r["instrument"]
+                                                for a, r in judged]),
+             "n_judged": len(judged)} if judged else {}
+    return {**extra,
         "key_accuracy": mean([a["key"] == r["key"] for a, r in keyed]),
         "mode_accuracy": mean([a["mode"] == r["mode"] for a, r in keyed]),
         "key_mode_accuracy": mean([a["key"] == r["key"] and a["mode"] == r["mode"]
