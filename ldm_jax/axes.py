@@ -27,6 +27,8 @@ LOGICAL = {
     # Quantisers.
     "codebook_entries": "the entries of a codebook",
     "codebook_dim": "the width of a codebook vector",
+    # Classifiers.
+    "classes": "the outputs of a classification head",
     # Conditioning vectors, one per example (timestep, pooled text).
     "cond_embed": "the features of a per-example conditioning vector",
     "cond_in": "those features where a projection to per-channel scales and shifts reads them",

@@ -589,6 +589,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_distributed(p)
     p.set_defaults(func=cmd_train)
 
+    p = train_sub.add_parser("judge", help="train the attribute judge (instrument, pattern, "
+                             "drums from log-mel)", epilog=EPILOG)
+    _add_config(p, data_dir=True, default="judge_tiny")
+    _add_distributed(p)
+    p.set_defaults(func=cmd_train)
+
     p = train_sub.add_parser("ldm", help="train the latent diffusion U-Net", epilog=EPILOG)
     p.add_argument("--latents", default=None, help="latents directory (default: W/latents)")
     p.add_argument("--clap", default=None, help="trained CLAP directory (default: W/clap)")

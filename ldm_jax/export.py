@@ -2,8 +2,8 @@
 
 The file holds the model's family, its config, its variables (the EMA parameters where the run
 kept them, the codec's codebook statistics), the files it needs (CLAP's tokenizer) and its
-provenance; `ldm_jax.codec.load`, `ldm_jax.clap.load` and `ldm_jax.diffusion.load` read it
-without a workdir.
+provenance; `ldm_jax.codec.load`, `ldm_jax.clap.load`, `ldm_jax.diffusion.load` and
+`ldm_jax.judge.load` read it without a workdir.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import os
 from ldm_jax import checkpoint, paths, provenance
 from ldm_jax.config import ConfigError
 
-FAMILIES = ("codec", "clap", "ldm")
+FAMILIES = ("codec", "clap", "ldm", "judge")
 
 
 def family_of(stage_dir: str) -> str:
@@ -23,18 +23,21 @@ def family_of(stage_dir: str) -> str:
     from ldm_jax.clap.model import CONFIG_FILE as CLAP_CONFIG
     from ldm_jax.clap.model import TOKENIZER_FILE
     from ldm_jax.diffusion.config import STATS_FILE
+    from ldm_jax.judge.model import CONFIG_FILE as JUDGE_CONFIG
 
     def has(*names):
         return paths.isfile(os.path.join(stage_dir, *names))
 
+    if has(JUDGE_CONFIG):
+        return "judge"
     if has(CLAP_CONFIG) and has(TOKENIZER_FILE):
         return "clap"
     if has("config.json") and has(STATS_FILE):
         return "ldm"
     if has("checkpoints", checkpoint.MODEL_CONFIG):
         return "codec"
-    raise ConfigError(f"{stage_dir} is not a trained stage directory: give W/codec, W/clap or "
-                      "W/ldm")
+    raise ConfigError(f"{stage_dir} is not a trained stage directory: give W/codec, W/clap, "
+                      "W/ldm or W/judge")
 
 
 def export(stage_dir: str, out: str, *, use_ema: bool = True) -> dict:
@@ -60,6 +63,9 @@ def export(stage_dir: str, out: str, *, use_ema: bool = True) -> dict:
         if state.get("stats"):
             from ldm_jax.codec.quantize import STATS
             variables[STATS] = state["stats"]
+    elif family == "judge":
+        from ldm_jax.judge.model import CONFIG_FILE as JUDGE_CONFIG
+        config = json.loads(paths.read_text(os.path.join(stage_dir, JUDGE_CONFIG)))
     else:
         config = json.loads(paths.read_text(os.path.join(stage_dir, "config.json")))
     if family == "clap":

@@ -51,6 +51,7 @@ LOGICAL_RULES: dict[str, str | None] = {
     # stay whole, or GSPMD splits them and gathers the batch of what they condition; where a
     # projection reads them (`cond_in`) its kernel is split on them and gathered instead.
     "position": None, "conv_width": None, "codebook_dim": None, "cond_embed": None,
+    "classes": None,
 }
 TABLE_ROWS = ("vocab", "codebook_entries")
 

@@ -101,7 +101,13 @@ def _unet_state():
     return functools.partial(ldm_train.init_state, get_config("ldm_tiny"))
 
 
-STATES = {"codec": _codec_state, "clap": _clap_state, "unet": _unet_state}
+def _judge_state():
+    from ldm_jax.judge import train as judge_train
+    return functools.partial(judge_train.init_state, get_config("judge_tiny"))
+
+
+STATES = {"codec": _codec_state, "clap": _clap_state, "unet": _unet_state,
+          "judge": _judge_state}
 
 # (path, spec) under the (2, 2, 2) mesh, for named parameters of each model's tiny preset.
 EXPECTED = {
@@ -120,6 +126,10 @@ EXPECTED = {
         ("params/text/positions/position_embedding", P(None, "fsdp")),
         ("params/audio/stem_1/kernel", P(None, "fsdp", None)),
         ("params/logit_scale", P()),
+    ],
+    "judge": [
+        ("params/conv_1/kernel", P(None, None, "fsdp")),  # [3, 64, 128]: the wider axis
+        ("params/head_instrument/kernel", P()),
     ],
     "unet": [
         ("params/mid_attn/block_0/attn/query/kernel", P("fsdp", "tensor")),

@@ -28,7 +28,7 @@ from ldm_jax.config import Section
 from ldm_jax.data import synthetic
 from ldm_jax.nn.layers import conv, dense, group_norm
 
-CONFIG_FILE = "config.json"
+CONFIG_FILE = "judge.json"  # the judge's config beside its checkpoints (names the family)
 # The attributes judged and their classes (the synthetic generator's vocabulary).
 LABELS = {"instrument": synthetic.INSTRUMENTS, "pattern": synthetic.PATTERNS,
           "with_drums": ("no", "yes")}
