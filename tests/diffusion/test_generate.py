@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from ldm_jax import checkpoint, parallel, workdir
+from ldm_jax import checkpoint, parallel, paths, workdir
 from ldm_jax import config as config_lib
 from ldm_jax.checkpoint import Checkpointer
 from ldm_jax.clap import model as clap_model
@@ -195,8 +195,23 @@ def test_evaluation_scores_generated_against_real_clips(chain, tmp_path):
     builders.build("synthetic_music", data, str(tmp_path), workers=1, progress=False)
     out = tmp_path / "eval.json"
     params = gen.params
-    result = generation.evaluate_generation(w, str(tmp_path), num_prompts=2, steps=STEPS,
-                                            generator=gen, out_path=str(out), progress=False)
+    # An attribute judge in W/judge: every group also reports judged instrument adherence.
+    from ldm_jax.judge import model as judge_model
+    judge, judge_vars = judge_model.load("judge_tiny")
+    judge_dir = os.path.join(w, "judge")
+    ck = Checkpointer(os.path.join(judge_dir, "checkpoints"), this_host_only=True)
+    ck.save(1, {"step": np.asarray(1, np.int32), "params": judge_vars["params"]})
+    ck.close()
+    judge_model.save_config(judge_dir, judge.config)
+    try:
+        result = generation.evaluate_generation(w, str(tmp_path), num_prompts=2, steps=STEPS,
+                                                generator=gen, out_path=str(out),
+                                                progress=False)
+    finally:
+        paths.rmtree(judge_dir)
+    for prefix in ("generated", "real", "untrained", "shuffled"):
+        assert 0 <= result[f"{prefix}/judge_instrument_accuracy"] <= 1
+    assert result["n_judged"] == 2
     assert gen.params is params  # the baseline borrows the generator and gives it back
     assert result["num_prompts"] == 2 and result["seconds"] == pytest.approx(SECONDS)
     assert result["fd_clap"] >= 0 and -1 <= result["clap_score"] <= 1
