@@ -135,3 +135,14 @@ def test_bad_configs_are_refused():
         controls.FeatureConfig(sample_rate=16000, frame_rate=50, cutoff_hz=9000)
     with pytest.raises(controls.ControlsError, match="shorter than half an FFT"):
         controls.controls_from_audio(np.zeros(100, np.float32), CFG)
+
+
+def test_readme_controls_example_runs():
+    import os
+    import re
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "..", "README.md")).read()
+    section = readme[readme.index("## Musical controls\n"):]
+    code = re.findall(r"```python\n(.*?)```", section, re.S)[0]
+    ns = {}
+    exec(compile(code, "README.md", "exec"), ns)
+    assert ns["features"]["dynamics"]["db"].shape == (ns["found"]["num_frames"],)
