@@ -45,7 +45,7 @@ def get_config(arg=None):
     c.judge = judge_tiny.get_config()
     c.judge.data.crop_seconds = 2.0
     c.judge.train.steps = 600
-    tiny.share_data(c)
+    tiny.share_data(c, stages=("judge",))
     # Whole clips: 400 latent frames, 8 clips a step (tiny: 100 frames, 16 clips).
     c.ldm.data.crop_seconds = 8.0
     c.ldm.train.batch_size = 8

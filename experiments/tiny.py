@@ -76,9 +76,9 @@ def get_config(arg=None):
     return c
 
 
-def share_data(c):
-    """Points every stage's data section at the chain's build parameters."""
-    for stage in ("codec", "clap", "ldm", "judge"):
+def share_data(c, stages=("codec", "clap", "ldm")):
+    """Points the data sections of STAGES at the chain's build parameters."""
+    for stage in stages:
         if stage in c:
             for key in BUILD_KEYS:
                 # A reference, so `--config.data.KEY=...` reaches every stage.

@@ -35,7 +35,8 @@ def controls_from_audio(audio: np.ndarray, cfg: FeatureConfig, *,
          for k, v in extract(audio, cfg).items()}
     frames = f["onset"].shape[-1]
     beats = track_beats(f["onset"], cfg)
-    downbeats = estimate_downbeats(beats, f["onset"], cfg, beats_per_bar=beats_per_bar)
+    downbeats = estimate_downbeats(beats, f["onset"], cfg, harmony=f["harmony"],
+                                   beats_per_bar=beats_per_bar)
     return {"num_frames": frames, "melody": f["melody"], "dynamics": f["dynamics"],
             "rhythm": beat_grid(beats, downbeats, frames, cfg.frame_rate), "onset": f["onset"]}
 

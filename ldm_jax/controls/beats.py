@@ -1,10 +1,11 @@
 """Discrete beats and downbeats, and the frame-wise activations a rhythm control is made of.
 
 Beats come from librosa's dynamic-programming tracker (Ellis 2007) run on our onset envelope.
-librosa gives no downbeats, so they are estimated by folding the onset envelope at the bar
-period: of the `beats_per_bar` phases of the beat sequence, the one whose beats carry the most
-onset strength on average starts the bars (music accents its downbeats: the kick, the chord
-change). An activation is a train of Gaussian bumps at given times, one frame wide by default,
+librosa gives no downbeats, so they are estimated by folding the beats' accents at the bar
+period: of the `beats_per_bar` phases of the beat sequence, the one whose beats are most
+accented on average starts the bars. Music accents its downbeats with loud onsets (the kick)
+and with chord changes, so a beat's accent is its onset strength plus its harmonic change.
+An activation is a train of Gaussian bumps at given times, one frame wide by default,
 so that a rhythm control from tracked beats, from a MIDI tempo map or from ground truth has one
 form. This runs on the host (numpy): the discrete tracker is not differentiable, the onset
 envelope it reads is.
@@ -43,15 +44,31 @@ def track_beats(onset: np.ndarray, cfg: FeatureConfig, *, start_bpm: float = 120
     return np.asarray(beats, np.float64)
 
 
+def harmonic_change(beats: np.ndarray, harmony: np.ndarray, frame_rate: float) -> np.ndarray:
+    """At each beat, 1 - cosine similarity of the mean chroma over the beat before it and over
+    the beat after it: chords change on the bar."""
+    frames = np.clip(np.round(np.asarray(beats) * frame_rate).astype(int), 0, len(harmony))
+    edges = np.concatenate([[0], frames, [len(harmony)]])
+    spans = [harmony[a:max(b, a + 1)].mean(0) for a, b in zip(edges[:-1], edges[1:])]
+    out = []
+    for before, after in zip(spans[:-1], spans[1:]):
+        norm = np.linalg.norm(before) * np.linalg.norm(after)
+        out.append(1.0 - float(before @ after / norm) if norm > 0 else 0.0)
+    return np.asarray(out)
+
+
 def estimate_downbeats(beats: np.ndarray, onset: np.ndarray, cfg: FeatureConfig, *,
-                       beats_per_bar: int = 4) -> np.ndarray:
+                       harmony: np.ndarray | None = None, beats_per_bar: int = 4) -> np.ndarray:
     """Downbeat times (seconds): every `beats_per_bar`-th beat, from the phase whose beats
-    carry the most onset strength on average (ties: the earliest phase).
+    are most accented on average (ties: the earliest phase). A beat's accent is its onset
+    strength over the clip's mean, plus, given the chromagram, its harmonic change
+    (`harmonic_change`, between 0 and 1).
 
     Args:
       beats: beat times in seconds, increasing.
       onset: the onset envelope [frames] the beats were tracked on.
       cfg: its feature config.
+      harmony: the full-band chromagram [frames, 12] (`features.extract(...)["harmony"]`).
       beats_per_bar: beats in a bar (4 for 4/4).
     """
     if beats_per_bar < 1:
@@ -64,8 +81,12 @@ def estimate_downbeats(beats: np.ndarray, onset: np.ndarray, cfg: FeatureConfig,
     # The strongest onset within one frame of each beat (the tracker may be a frame off).
     strength = np.max(np.stack([onset[np.clip(frames + d, 0, onset.shape[-1] - 1)]
                                 for d in (-1, 0, 1)]), axis=0)
+    accent = strength / max(float(strength.mean()), 1e-12)
+    if harmony is not None:
+        change = harmonic_change(beats, np.asarray(harmony, np.float64), cfg.frame_rate)
+        accent = accent + change  # in [0, 1]: near 0 where the harmony never changes
     phases = min(beats_per_bar, beats.size)
-    scores = [strength[p::beats_per_bar].mean() for p in range(phases)]
+    scores = [accent[p::beats_per_bar].mean() for p in range(phases)]
     return beats[int(np.argmax(scores))::beats_per_bar]
 
 

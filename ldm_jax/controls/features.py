@@ -187,6 +187,12 @@ def melody_from_power(power: jax.Array, cfg: FeatureConfig,
             "pitch_class": jnp.where(voiced, pitch, -1)}
 
 
+def harmony_from_power(power: jax.Array, cfg: FeatureConfig) -> jax.Array:
+    """The chromagram of the whole spectrum (bass included), each frame summing to one."""
+    chroma = power @ jnp.asarray(_chroma_filters(cfg.sample_rate, cfg.n_fft))
+    return chroma / jnp.maximum(jnp.sum(chroma, axis=-1, keepdims=True), 1e-20)
+
+
 def dynamics_from_power(power: jax.Array, cfg: FeatureConfig,
                         coverage: jax.Array | float = 1.0) -> dict[str, jax.Array]:
     """Dynamics features from a power spectrogram [..., frames, bins] (see `dynamics`); levels
@@ -241,8 +247,9 @@ def onset_strength(audio: jax.Array, cfg: FeatureConfig) -> jax.Array:
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def extract(audio: jax.Array, cfg: FeatureConfig) -> dict[str, jax.Array]:
     """Every differentiable control feature of audio [..., time] from one STFT, one jitted
-    call: {"melody": melody(...), "dynamics": dynamics(...), "onset": onset envelope}."""
+    call: {"melody": melody(...), "dynamics": dynamics(...), "onset": onset envelope,
+    "harmony": the full-band chromagram [..., frames, 12] (for the downbeat estimate)}."""
     power, coverage = _power_spectrum(audio, cfg)
     return {"melody": melody_from_power(power, cfg, coverage),
             "dynamics": dynamics_from_power(power, cfg, coverage),
-            "onset": onset_from_power(power, cfg)}
+            "onset": onset_from_power(power, cfg), "harmony": harmony_from_power(power, cfg)}
