@@ -59,7 +59,7 @@ def workdir(tmp_path_factory):
     rng = np.random.default_rng(0)
     params = jax.tree_util.tree_map(
         lambda s: (rng.normal(size=s.shape) * 0.3).astype(s.dtype), shapes)["params"]
-    inference.write_checkpoint(str(w / "codec"), config, params)
+    inference.write_checkpoint(str(w / "codec"), config, params, step=cfg.codec.train.steps)
     return cfg, w
 
 
@@ -88,3 +88,21 @@ def test_the_ceiling_command_scores_real_and_reconstructed_clips(workdir, capsys
     assert cli.main(["eval", "controls", "--ceiling", "--workdir", str(w), "--config",
                      "tiny"]) == 2
     assert "controls_tiny" in capsys.readouterr().err
+
+
+def test_the_judge_stage_and_its_evaluation_on_real_and_reconstructed_clips(workdir):
+    cfg, w = workdir
+    small = ["data.clip_seconds=4.0", "data.num_train=1", "data.num_test=3",
+             "judge.train.steps=1", "judge.train.batch_size=8", "judge.data.crop_seconds=1.0",
+             "judge.model.widths=(8,8)", "judge.model.n_mels=16", "judge.model.groups=4",
+             "judge.eval.batch_size=2", "judge.log.progress=False"]
+    assert cli.main(["train", "judge", "--config", "controls_tiny", "--workdir", str(w)]
+                    + [f"--config.{o}" for o in small]) == 0
+    cfg = config_lib.get_config("controls_tiny", small)
+    summary = chain.registry()["judge_eval"].run(cfg, str(w))
+    record = json.loads(paths.read_text(str(w / "judge" / "eval.json")))
+    for source in ("real", "codec"):
+        assert 0 <= record[f"{source}/instrument_accuracy"] <= 1
+        assert record[f"{source}/instrument_accuracy/n"] == 3
+    assert summary["real/instrument_accuracy"] == record["real/instrument_accuracy"]
+    assert record["provenance"]["seeds"]["bootstrap_seed"] == 0
