@@ -22,6 +22,7 @@ import tempfile
 import time
 import types
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -374,8 +375,8 @@ def bench_codec(opts: Options) -> dict:
     n = codec_train.crop_samples(section)
     sr, channels = int(section.model.sample_rate), int(section.model.channels)
     batch = opts.batch or int(section.train.batch_size)
-    state = meter.call(functools.partial(codec_train.init_state, section, crop_samples=n),
-                       jax.random.key(0))
+    init = functools.partial(codec_train.init_state, section, crop_samples=n)
+    state = meter.call(lambda r: nn.meta.unbox(init(r)), jax.random.key(0))
     params = param_count(state["params"])
     rng = np.random.default_rng(0)
     audio = jnp.asarray(0.1 * rng.standard_normal((batch, n, channels)), jnp.float32)
@@ -426,7 +427,7 @@ def bench_clap(opts: Options) -> dict:
     batch = opts.batch or int(section.train.batch_size)
     # The step consumes token ids; the tokenizer only bounds the vocabulary here.
     task = clap_train.make_task(section, types.SimpleNamespace(vocab_size=vocab))
-    state = meter.call(task.init, jax.random.key(0))
+    state = meter.call(lambda r: nn.meta.unbox(task.init(r)), jax.random.key(0))
     rng = np.random.default_rng(0)
     tokens, text_mask = inputs.random_captions(rng, batch, length, vocab)
     audio, audio_mask = inputs.random_clips(rng, batch, int(float(section.data.crop_seconds) * sr))
@@ -494,7 +495,8 @@ def bench_unet(opts: Options) -> dict:
     arrays = {"latents": latents.astype(np.float32),
               "latents_mask": np.ones((batch, frames), bool),
               **inputs.random_condition(section, batch, rng)}
-    state = meter.call(functools.partial(ldm_train.init_state, section), jax.random.key(0))
+    init = functools.partial(ldm_train.init_state, section)
+    state = meter.call(lambda r: nn.meta.unbox(init(r)), jax.random.key(0))
     abstract = inputs.abstract((state, arrays))
     step = functools.partial(ldm_train.train_step, cfg=section)
     _, train = meter(step, state, arrays, jax.random.key(1), examples=batch, donate=(0,),
@@ -541,8 +543,6 @@ def bench_sample(opts: Options) -> dict:
     """Sampling real-time factor: `steps` of the sampler with classifier-free guidance (one
     doubled batch) and the codec decode, for --seconds of audio at batch 1, 2, 4, ... up to
     --max-batch or the first out-of-memory error, with a randomly initialised U-Net and codec."""
-    import flax.linen as nn
-
     from ldm_jax.codec.model import Codec, make_codec
     from ldm_jax.diffusion import conditioning, samplers
     from ldm_jax.diffusion import config as ldm_config

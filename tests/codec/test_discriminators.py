@@ -79,7 +79,7 @@ def test_default_configuration_has_dacs_parameter_count():
 def test_norm_conv_is_weight_normalised_and_matches_flax_conv():
     x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 11, 6, 4)), jnp.float32)
     conv = D.NormConv(8, (3, 5), (1, 2), ((1, 1), (2, 2)), groups=2)
-    params = conv.init(jax.random.key(1), x)["params"]
+    params = nn.meta.unbox(conv.init(jax.random.key(1), x))["params"]
     assert set(params) == {"weight_v", "weight_g", "bias"}
     assert params["weight_v"].shape == (3, 5, 2, 8)
     # torch's weight_norm starts with g = ||v||: the effective kernel starts as the stored one.
