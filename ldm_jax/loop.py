@@ -339,7 +339,13 @@ def train(task: Task, data_iterator: Iterator[dict], *, workdir: str, num_steps:
     logging.info("%s: %s at step %d of %d", task.name, origin, step, num_steps)
     writer = _Writer(logdir, os.path.join(workdir, METRICS_FILE))
     history, sums, count, last_saved = [], {}, 0, checkpointer.latest_step()
-    jitted, pending = None, None
+    pending = None
+    # One compiled step for the run: the state's shardings, and every batch leaf split on its
+    # leading (batch) axis over the batch axes (a sharding given for the whole batch subtree).
+    jitted = jax.jit(step_fn, donate_argnums=(0,),
+                     in_shardings=(shardings, parallel.batch_sharding(mesh),
+                                   parallel.replicated(mesh)),
+                     out_shardings=(shardings, parallel.replicated(mesh)))
     bar = tqdm(total=num_steps, initial=step, desc=task.name, dynamic_ncols=True,
                disable=not lg["progress"] or jax.process_index() != 0)
     t_last, steps_since = time.perf_counter(), 0
@@ -371,11 +377,6 @@ def train(task: Task, data_iterator: Iterator[dict], *, workdir: str, num_steps:
             while step < num_steps:
                 host_batch = task.prepare(next(data_iterator))
                 batch = parallel.global_batch(mesh, host_batch)
-                if jitted is None:
-                    jitted = jax.jit(step_fn, donate_argnums=(0,),
-                                     in_shardings=(shardings, parallel.batch_shardings(mesh, batch),
-                                                   parallel.replicated(mesh)),
-                                     out_shardings=(shardings, parallel.replicated(mesh)))
                 # Tracing under the mesh lets models pin activations with logical constraints.
                 # Only the step sees it: evaluation and media run on each host's own devices.
                 with jax.set_mesh(mesh):
