@@ -129,6 +129,11 @@ BAD_OPTIONS = [
     (["bench", "sample", "--steps", "0"], "--steps"),
     (["bench", "unet", "--frame-rate", "nan"], "--frame-rate"),
     (["bench", "unet", "--peer-threads", "0"], "--peer-threads"),
+    (["controls", "extract", "a.wav", "--json", "o.json", "--beats-per-bar", "0"],
+     "--beats-per-bar"),
+    (["controls", "extract", "a.wav", "--json", "o.json", "--frame-rate", "-50"],
+     "--frame-rate"),
+    (["eval", "controls", "--ceiling", "--max-clips", "-1"], "--max-clips"),
 ]
 
 
