@@ -48,6 +48,8 @@ def get_config(arg=None):
     tiny.share_data(c, stages=("judge",))
     # Whole clips: 400 latent frames, 8 clips a step (tiny: 100 frames, 16 clips).
     c.ldm.data.crop_seconds = 8.0
+    c.ldm.generation.seconds = 8.0
+    c.ldm.eval.seconds = 8.0
     c.ldm.train.batch_size = 8
     c.ldm.train.steps = 2000
     c.ldm.eval.num_prompts = 64
