@@ -398,25 +398,27 @@ def feature_config(cfg):
     return FeatureConfig.from_dict({"sample_rate": int(cfg.data.sample_rate), **fields})
 
 
+def codec_roundtrip(workdir: str, sample_rate: int) -> Callable:
+    """`[B, T] mono clips -> [B, T']` through the trained codec of W (encode, then decode)."""
+    from ldm_jax.codec import inference
+    loaded = inference.load_trained(os.path.join(workdir, "codec"))
+    if loaded.sample_rate != sample_rate:
+        raise config_lib.ConfigError(f"the codec runs at {loaded.sample_rate} Hz and the data at "
+                                     f"{sample_rate} Hz")
+    return lambda x: loaded.decode(loaded.encode(x[..., None])["z"])[..., 0]
+
+
 def controls_ceiling(cfg, workdir, *, num_examples: int | None = None) -> dict:
     """Controls extracted from the real test clips and from their codec reconstructions,
     scored against the clips' ground truth (`ldm_jax.controls.evaluate`): what the codec lets
     through, the ceiling of every controlled generator on this data."""
-    from ldm_jax.codec import inference
     from ldm_jax.controls import evaluate as control_eval
     from ldm_jax.data import builders
     features = feature_config(cfg)
     e = cfg.controls.eval
     source = builders.open_split(data_dir(cfg, workdir), cfg.data.name, "test")
     clips = builders.Column(source, None, num_examples or e.num_examples)
-    loaded = inference.load_trained(os.path.join(workdir, "codec"))
-    if loaded.sample_rate != features.sample_rate:
-        raise config_lib.ConfigError(f"the codec runs at {loaded.sample_rate} Hz and the data at "
-                                     f"{features.sample_rate} Hz")
-
-    def reconstruct(x):
-        return loaded.decode(loaded.encode(x[..., None])["z"])[..., 0]
-
+    reconstruct = codec_roundtrip(workdir, features.sample_rate)
     out = {"frame_rate": features.frame_rate, "num_clips": len(clips)}
     for name, transform in (("real", None), ("codec", reconstruct)):
         scores = control_eval.score_clips(clips, features, transform=transform,
@@ -433,7 +435,6 @@ def controls_ceiling(cfg, workdir, *, num_examples: int | None = None) -> dict:
 def judge_scores(cfg, workdir) -> dict:
     """The judge's accuracy on the real test clips and, where the chain has a trained codec, on
     their codec reconstructions (the ceiling of a generator's judged adherence)."""
-    from ldm_jax.codec import inference
     from ldm_jax.data import builders
     from ldm_jax.judge import Predictor
     from ldm_jax.judge import evaluate as judge_eval
@@ -444,8 +445,7 @@ def judge_scores(cfg, workdir) -> dict:
     out = {"num_clips": len(clips)}
     transforms = {"real": None}
     if _stage_steps_done(cfg, workdir, "codec"):
-        loaded = inference.load_trained(os.path.join(workdir, "codec"))
-        transforms["codec"] = lambda x: loaded.decode(loaded.encode(x[..., None])["z"])[..., 0]
+        transforms["codec"] = codec_roundtrip(workdir, predictor.sample_rate)
     for name, transform in transforms.items():
         scores = judge_eval.accuracy(predictor, clips, transform=transform,
                                      batch_size=e.batch_size, seed=e.seed)
