@@ -80,6 +80,20 @@ def summarize(rows: Sequence[Mapping], *, seed: int = 0) -> dict:
     return out
 
 
+def clip_batch(examples: Sequence[Mapping], rows: range,
+               transform: Callable[[np.ndarray], np.ndarray] | None = None
+               ) -> tuple[list[Mapping], np.ndarray]:
+    """(the examples of ROWS, their mono clips [B, T] cut to the shortest, through `transform`
+    when given and cut again to what it returns)."""
+    group = [examples[i] for i in rows]
+    audio = [np.asarray(e["audio"], np.float32).reshape(-1) for e in group]
+    length = min(len(a) for a in audio)
+    clips = np.stack([a[:length] for a in audio])
+    if transform is not None:
+        clips = np.asarray(transform(clips), np.float32)[:, :length]
+    return group, clips
+
+
 def score_clips(examples: Sequence[Mapping], cfg: FeatureConfig, *,
                 transform: Callable[[np.ndarray], np.ndarray] | None = None,
                 batch_size: int = 8, seed: int = 0) -> dict:
@@ -98,17 +112,10 @@ def score_clips(examples: Sequence[Mapping], cfg: FeatureConfig, *,
       `summarize` of the per-clip scores.
     """
     def batch(rows: range) -> list[dict]:
-        group = [examples[i] for i in rows]
-        audio = [np.asarray(e["audio"], np.float32).reshape(-1) for e in group]
-        length = min(len(a) for a in audio)
-        clips = np.stack([a[:length] for a in audio])
-        if transform is not None:
-            clips = np.asarray(transform(clips), np.float32)
-            length = min(length, clips.shape[1])
+        group, clips = clip_batch(examples, rows, transform)
         out = []
         for clip, example in zip(clips, group):
-            clip = clip[:length]
-            truth = ground_truth(example, cfg.num_frames(length), cfg.frame_rate)
+            truth = ground_truth(example, cfg.num_frames(len(clip)), cfg.frame_rate)
             out.append(clip_scores(clip, truth, cfg))
         return out
 

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from ldm_jax import parallel
+from ldm_jax.controls.evaluate import clip_batch
 from ldm_jax.controls.metrics import bootstrap_interval
 from ldm_jax.judge.model import Predictor
 from ldm_jax.judge.train import labels_of
@@ -35,12 +36,7 @@ def accuracy(predictor: Predictor, examples: Sequence, *,
     heads = predictor.model.config.heads
 
     def batch(rows: range) -> list[dict]:
-        group = [examples[i] for i in rows]
-        audio = [np.asarray(e["audio"], np.float32).reshape(-1) for e in group]
-        length = min(len(a) for a in audio)
-        clips = np.stack([a[:length] for a in audio])
-        if transform is not None:
-            clips = np.asarray(transform(clips), np.float32)
+        group, clips = clip_batch(examples, rows, transform)
         picks = predictor.predict(list(clips))
         truth = [labels_of(e, heads) for e in group]
         return [{k: float(heads[k].index(picks[k][j]) == truth[j][k]) for k in heads}
