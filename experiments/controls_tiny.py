@@ -51,6 +51,6 @@ def get_config(arg=None):
     c.ldm.generation.seconds = 8.0
     c.ldm.eval.seconds = 8.0
     c.ldm.train.batch_size = 8
-    c.ldm.train.steps = 2000
+    c.ldm.train.steps = 1600
     c.ldm.eval.num_prompts = 64
     return c

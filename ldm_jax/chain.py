@@ -3,7 +3,9 @@
 Every stage writes into the workdir and records the config it ran with (`W/stages/NAME.json`). A
 stage whose output is complete is skipped, so an interrupted chain resumes where it stopped; a
 stage whose config changed since it ran is reported with every stage downstream of it, and the
-chain stops rather than mixing outputs of two configs (`--rerun-stale` re-runs them).
+chain stops rather than mixing outputs of two configs (`--rerun-stale` re-runs them). Given
+another chain's workdir (`--reuse-from SRC`), a stage that is complete there with the same
+recorded config, and whose inputs all came from SRC too, is copied instead of run.
 
 On several hosts every host runs the chain. Process 0 alone decides what is stale and whether a
 stage is complete, and tells the others (`parallel.broadcast_from_leader`): hosts on a shared
@@ -126,22 +128,49 @@ def downstream(stages: list[Stage], name: str) -> list[str]:
 
 def stale_stages(stages: list[Stage], cfg, workdir: str) -> dict[str, list[str]]:
     """{stage: differing keys} for finished stages whose recorded config differs from cfg."""
-    from ldm_jax.checkpoint import config_differences
     stale = {}
     for stage in stages:
         path = _record_path(workdir, stage.name)
         if not paths.exists(path):
             continue
-        recorded = json.loads(paths.read_text(path)).get("config", {})
-        diffs = config_differences(_with_defaults(recorded),
-                                   _with_defaults(fingerprint(cfg, stage)))
+        diffs = _config_diffs(json.loads(paths.read_text(path)).get("config", {}), cfg, stage)
         if diffs:
             stale[stage.name] = diffs
     return stale
 
 
+def _config_diffs(recorded: dict, cfg, stage: Stage) -> list[str]:
+    from ldm_jax.checkpoint import config_differences
+    return config_differences(_with_defaults(recorded), _with_defaults(fingerprint(cfg, stage)))
+
+
+def _reuse(stage: Stage, cfg, source: str, workdir: str, reused: set[str]) -> dict | None:
+    """Copies STAGE's outputs and record from chain workdir SOURCE into WORKDIR when they can
+    stand in for running it: complete there, recorded with the config CFG gives it, and every
+    stage it reads reused from SOURCE as well (a stage trained again here, even with the same
+    config, is another model). Returns the recorded summary, or None."""
+    record = _record_path(source, stage.name)
+    if (not stage.outputs or any(a not in reused for a in stage.after)
+            or not paths.exists(record) or not stage.done(cfg, source)):
+        return None
+    recorded = json.loads(paths.read_text(record))
+    if _config_diffs(recorded.get("config", {}), cfg, stage):
+        return None
+    for out in stage.outputs:
+        src, dst = os.path.join(source, out), os.path.join(workdir, out)
+        if paths.isdir(src):
+            paths.rmtree(dst)
+            paths.copy_tree(src, dst)
+        elif paths.isfile(src):
+            paths.copy_file(src, dst)
+    paths.write_text(_record_path(workdir, stage.name),
+                     json.dumps(dict(recorded, reused_from=source), indent=2, default=str))
+    return recorded.get("summary", {})
+
+
 def run_chain(stages: list[Stage], cfg, workdir: str, *, only: list[str] | None = None,
-              rerun_stale: bool = False, print_fn=print) -> dict:
+              rerun_stale: bool = False, reuse_from: str | None = None,
+              print_fn=print) -> dict:
     """Runs the stages in order, skipping complete ones.
 
     Args:
@@ -150,6 +179,7 @@ def run_chain(stages: list[Stage], cfg, workdir: str, *, only: list[str] | None 
       workdir: W.
       only: run just these stages (their inputs must be complete).
       rerun_stale: remove and re-run stages whose config changed, and those downstream.
+      reuse_from: another chain's workdir whose matching complete stages are copied, not run.
       print_fn: where progress lines go.
 
     Returns:
@@ -166,6 +196,14 @@ def run_chain(stages: list[Stage], cfg, workdir: str, *, only: list[str] | None 
         raise config_lib.ConfigError(f"unknown stage(s) {', '.join(unknown)}; the chain is "
                                      f"{' -> '.join(names)}")
     print_fn = print_fn if _is_leader() else (lambda *a, **k: None)
+    if reuse_from:
+        reuse_from = paths.resolve(reuse_from)
+        if reuse_from == paths.resolve(workdir):
+            raise config_lib.ConfigError(f"--reuse-from {reuse_from} is the workdir itself")
+        if not paths.isdir(os.path.join(reuse_from, "stages")):
+            raise config_lib.ConfigError(f"--reuse-from {reuse_from}: not a chain's workdir "
+                                         "(it has no stages/ records)")
+    reused: set[str] = set()  # stages whose outputs here came from REUSE_FROM (process 0)
 
     def prepare():
         paths.makedirs(os.path.join(workdir, "stages"))
@@ -197,14 +235,22 @@ def run_chain(stages: list[Stage], cfg, workdir: str, *, only: list[str] | None 
 
         def recorded(stage=stage, record=record):
             if stage.done(cfg, workdir) and paths.exists(record):
-                return json.loads(paths.read_text(record)).get("summary", {})
+                found = json.loads(paths.read_text(record))
+                if reuse_from and found.get("reused_from") == reuse_from:
+                    reused.add(stage.name)
+                return found.get("summary", {}), "complete, skipped"
+            if reuse_from:
+                summary = _reuse(stage, cfg, reuse_from, workdir, reused)
+                if summary is not None:
+                    reused.add(stage.name)
+                    return summary, f"reused from {reuse_from}"
             return None
 
         # Process 0 judges, every host follows.
         done = parallel.on_leader(f"the check of stage {stage.name}", recorded, share=True)
         if done is not None:
-            summaries[stage.name] = done
-            print_fn(f"[{stage.name}] complete, skipped")
+            summaries[stage.name], how = done
+            print_fn(f"[{stage.name}] {how}")
             continue
         print_fn(f"[{stage.name}] running")
         start = time.time()
@@ -375,7 +421,8 @@ class Evaluation:
             return {k: scores[k] for k in (self.summary or scores) if k in scores}
 
         return Stage(name=self.name, after=(self.after, *self.requires),
-                     sections=(self.section,), done=done, run=run, all_hosts=True)
+                     sections=(self.section,), done=done, run=run, outputs=(self.path,),
+                     all_hosts=True)
 
 
 def _codec_scores(cfg, workdir):

@@ -438,7 +438,7 @@ def cmd_run(args, cfg):
     workdir = _require_workdir(args)
     stages = [x for x in (args.stages or "").split(",") if x] or None
     chain.run_chain(chain.stages_for(cfg), cfg, workdir, only=stages,
-                    rerun_stale=args.rerun_stale)
+                    rerun_stale=args.rerun_stale, reuse_from=args.reuse_from)
     _print_outputs(workdir)
 
 
@@ -562,6 +562,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated stages to run (default: all, skipping complete ones)")
     p.add_argument("--rerun-stale", action="store_true",
                    help="re-run stages whose config changed since they ran, and their followers")
+    p.add_argument("--reuse-from", default=None, metavar="W",
+                   help="copy each stage that is complete in chain workdir W with the same "
+                        "config (and whose inputs are copied too) instead of running it")
     _add_config(p)
     _add_distributed(p)
     p.set_defaults(func=cmd_run)

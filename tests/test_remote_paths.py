@@ -291,6 +291,35 @@ def test_chain_records_skips_and_reruns_stages_in_a_gs_workdir(gcs):
     assert calls == ["a", "b", "a", "b"] and not paths.exists(f"{W}/b/left_over.txt")
 
 
+def test_chain_reuses_matching_stages_of_another_workdir(gcs):
+    calls, lines = [], []
+    stages = [toy_stage("a", calls, sections=("a",)), toy_stage("b", calls, ("a",), ("b",)),
+              toy_stage("c", calls, ("b",), ("c",))]
+    cfg = ml_collections.ConfigDict({"a": {"x": 1}, "b": {"y": 2}, "c": {"z": 3}})
+    chain.run_chain(stages, cfg, W, print_fn=lines.append)
+    assert calls == ["a", "b", "c"]
+    other = "gs://bucket/other"
+    # Same config: everything is copied, nothing runs.
+    summaries = chain.run_chain(stages, cfg, other, reuse_from=W, print_fn=lines.append)
+    assert calls == ["a", "b", "c"] and summaries["c"]["ran"] == "c"
+    assert paths.isfile(f"{other}/c/out.json") and f"[a] reused from {W}" in lines
+    # b changes: a is copied; b runs; c has the same config but reads the new b, so it runs.
+    cfg.b.y = 5
+    third = "gs://bucket/third"
+    chain.run_chain(stages, cfg, third, reuse_from=W, print_fn=lines.append)
+    assert calls == ["a", "b", "c", "b", "c"]
+    assert json.loads(paths.read_text(f"{third}/stages/a.json"))["reused_from"] == W
+    assert "reused_from" not in json.loads(paths.read_text(f"{third}/stages/c.json"))
+    # Resumed with the same source: the copied stage still counts as the source's.
+    paths.remove(f"{third}/b/out.json")
+    chain.run_chain(stages, cfg, third, reuse_from=W, print_fn=lines.append)
+    assert calls == ["a", "b", "c", "b", "c", "b"]
+    with pytest.raises(config_lib.ConfigError, match="is the workdir itself"):
+        chain.run_chain(stages, cfg, W, reuse_from=W)
+    with pytest.raises(config_lib.ConfigError, match="not a chain's workdir"):
+        chain.run_chain(stages, cfg, third, reuse_from="gs://bucket/nothing")
+
+
 def toy_task():
     tx = optax.sgd(0.1)
 
