@@ -89,6 +89,14 @@ def _codec_state():
                              crop_samples=codec_train.crop_samples(cfg))
 
 
+def _codec_istft_fsq_state():
+    from ldm_jax.codec import train as codec_train
+    cfg = get_config("codec_tiny")
+    cfg.model.update(decoder="istft", quantizer="fsq", quantizer_dropout=0.0)
+    return functools.partial(codec_train.init_state, cfg,
+                             crop_samples=codec_train.crop_samples(cfg))
+
+
 def _clap_state():
     from ldm_jax.clap import train as clap_train
     cfg = get_config("clap_tiny")
@@ -106,7 +114,8 @@ def _judge_state():
     return functools.partial(judge_train.init_state, get_config("judge_tiny"))
 
 
-STATES = {"codec": _codec_state, "clap": _clap_state, "unet": _unet_state,
+STATES = {"codec": _codec_state, "codec_istft_fsq": _codec_istft_fsq_state,
+          "clap": _clap_state, "unet": _unet_state,
           "judge": _judge_state}
 
 # (path, spec) under the (2, 2, 2) mesh, for named parameters of each model's tiny preset.
@@ -116,6 +125,13 @@ EXPECTED = {
         ("params/decoder/block_0/conv_t/weight_v", P(None, "fsdp", None)),
         ("params/encoder/conv_in/bias", P()),
         ("disc_params/period_2/conv_4/weight_v", P(None, None, "fsdp", None)),
+    ],
+    "codec_istft_fsq": [
+        ("params/decoder/block_0/pwconv1/kernel", P("fsdp", "tensor")),
+        ("params/decoder/block_0/pwconv2/kernel", P("tensor", "fsdp")),
+        ("params/decoder/head/kernel", P(None, "fsdp")),  # [64, 642]: the wider axis
+        ("params/decoder/block_0/gamma", P()),
+        ("params/quantizer/in_proj/weight_v", P()),
     ],
     "clap": [
         ("params/text/transformer/block_0/attn/query/kernel", P("fsdp", "tensor")),

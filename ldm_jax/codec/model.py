@@ -23,12 +23,14 @@ import jax
 import jax.numpy as jnp
 
 from ldm_jax.codec import quantize
+from ldm_jax.codec.istft_decoder import ISTFTDecoder
 from ldm_jax.codec.quantize import CodecError
 from ldm_jax.config import ConfigError, Section
 from ldm_jax.nn.activations import Snake
 from ldm_jax.nn.conv import WNConv1d, WNConvTranspose1d
 
-QUANTIZERS = ("dac_rvq", "ema_rvq", "kl")
+QUANTIZERS = ("dac_rvq", "ema_rvq", "fsq", "kl")
+DECODERS = ("conv", "istft")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +43,15 @@ class CodecConfig(Section):
     layers, so that odd strides give exactly `hop_length` samples per frame (the released DAC
     models were trained without it and give `stride * T - 1` per odd-stride layer). `dtype` is the
     compute dtype; parameters are kept in `param_dtype`.
+
+    `quantizer="fsq"` quantises `n_codebooks` groups of `len(fsq_levels)` dimensions on the
+    FSQ grid (one code per group per frame); its `codebook_size` is `prod(fsq_levels)`, set
+    from the levels.
+
+    `decoder="istft"` replaces DAC's transposed-convolution decoder by a ConvNeXt backbone of
+    `istft_layers` blocks at width `decoder_dim` that predicts an STFT of `istft_n_fft` bins
+    (0: four hops) with one frame per latent frame, inverted by the iSTFT
+    (`istft_decoder.py`); `decoder_rates` are then unused.
     """
 
     LABEL: ClassVar[str] = "codec config"
@@ -60,13 +71,18 @@ class CodecConfig(Section):
     ema_decay: float = 0.99
     ema_epsilon: float = 1e-5
     dead_code_threshold: float = 2.0
+    fsq_levels: tuple[int, ...] = (8, 5, 5, 5)
+    decoder: str = "conv"
+    istft_n_fft: int = 0
+    istft_layers: int = 8
+    istft_mlp_ratio: float = 3.0
     causal: bool = False
     transpose_output_padding: bool = False
     dtype: str = "float32"
     param_dtype: str = "float32"
 
     def __post_init__(self):
-        for name in ("encoder_rates", "decoder_rates"):
+        for name in ("encoder_rates", "decoder_rates", "fsq_levels"):
             object.__setattr__(self, name, tuple(int(r) for r in getattr(self, name)))
         object.__setattr__(self, "quantizer_dropout", float(self.quantizer_dropout))
         if self.quantizer not in QUANTIZERS:
@@ -75,7 +91,33 @@ class CodecConfig(Section):
         if not self.encoder_rates or min(self.encoder_rates + self.decoder_rates) < 1:
             raise ConfigError("model.encoder_rates and model.decoder_rates must be positive "
                               "integers")
-        if self.decoder_dim % 2 ** len(self.decoder_rates):
+        if self.quantizer == "fsq":
+            if not self.fsq_levels or min(self.fsq_levels) < 2:
+                raise ConfigError(f"model.fsq_levels={self.fsq_levels} must be at least 2 each")
+            size = math.prod(self.fsq_levels)
+            if size > quantize.FSQ_MAX_CODES:
+                raise ConfigError(f"model.fsq_levels={self.fsq_levels} give {size} codes per "
+                                  f"group; at most {quantize.FSQ_MAX_CODES}: use more groups "
+                                  "(model.n_codebooks) of fewer levels")
+            if self.quantizer_dropout:
+                raise ConfigError("model.quantizer_dropout applies to residual codebooks; FSQ's "
+                                  "groups are all used: set it to 0")
+            object.__setattr__(self, "codebook_size", size)
+        if self.decoder not in DECODERS:
+            raise ConfigError(f"model.decoder={self.decoder!r} is unknown; use one of "
+                              f"{', '.join(DECODERS)}")
+        if self.decoder == "istft":
+            if self.causal:
+                raise ConfigError("model.decoder='istft' cannot be causal: each frame's window "
+                                  "reaches into the next frames; use decoder='conv'")
+            if self.istft_layers < 1 or self.istft_mlp_ratio <= 0:
+                raise ConfigError("model.istft_layers must be at least 1 and "
+                                  "model.istft_mlp_ratio positive")
+            if self.istft_n_fft and (self.istft_n_fft < self.hop_length
+                                     or self.istft_n_fft % 2):
+                raise ConfigError(f"model.istft_n_fft={self.istft_n_fft} must be even and at "
+                                  f"least the hop ({self.hop_length}); 0 means four hops")
+        elif self.decoder_dim % 2 ** len(self.decoder_rates):
             raise ConfigError(f"model.decoder_dim={self.decoder_dim} must be divisible by "
                               f"2**len(decoder_rates)={2 ** len(self.decoder_rates)}")
         if not 0.0 <= self.quantizer_dropout <= 1.0:
@@ -103,6 +145,10 @@ class CodecConfig(Section):
     @property
     def frame_rate(self) -> float:
         return self.sample_rate / self.hop_length
+
+    @property
+    def resolved_istft_n_fft(self) -> int:
+        return int(self.istft_n_fft) or 4 * self.hop_length
 
 
 def _dac(sample_rate, rates, n_codebooks, latent_dim=None):
@@ -257,10 +303,16 @@ class Codec(nn.Module):
             self.quantizer = quantize.EMAResidualVQ(
                 latent, c.n_codebooks, c.codebook_size, c.codebook_dim, c.quantizer_dropout,
                 c.ema_decay, c.ema_epsilon, c.dead_code_threshold, **kw)
+        elif c.quantizer == "fsq":
+            self.quantizer = quantize.FSQ(latent, c.fsq_levels, c.n_codebooks, **kw)
         else:
             self.quantizer = quantize.KLBottleneck(latent, **kw)
-        self.decoder = Decoder(c.decoder_dim, c.decoder_rates, c.channels, causal=c.causal,
-                               output_padding=c.transpose_output_padding, **kw)
+        if c.decoder == "istft":
+            self.decoder = ISTFTDecoder(c.decoder_dim, c.hop_length, c.resolved_istft_n_fft,
+                                        c.istft_layers, c.istft_mlp_ratio, c.channels, **kw)
+        else:
+            self.decoder = Decoder(c.decoder_dim, c.decoder_rates, c.channels, causal=c.causal,
+                                   output_padding=c.transpose_output_padding, **kw)
 
     @property
     def hop_length(self) -> int:
@@ -306,7 +358,8 @@ class Codec(nn.Module):
         return z, {"z_e": z_e, **aux}
 
     def decode(self, z: jax.Array) -> jax.Array:
-        """Decoder input `[B, T', latent_dim]` -> audio `[B, samples, channels]` (float32)."""
+        """Decoder input `[B, T', latent_dim]` -> audio `[B, samples, channels]` (float32; in
+        [-1, 1] from the conv decoder, unbounded from the iSTFT one)."""
         return self.decoder(z)
 
     def from_codes(self, codes: jax.Array) -> jax.Array:

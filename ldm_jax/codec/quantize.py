@@ -10,6 +10,11 @@
   codebooks follow exponential moving averages of their assigned vectors (Laplace-smoothed
   counts), and codes whose average use falls under a threshold restart on random batch vectors.
   Their state lives in the `codebook_stats` collection, updated only when `train=True`.
+* `FSQ` is finite scalar quantisation (Mentzer et al., "Finite Scalar Quantization: VQ-VAE Made
+  Simple", ICLR 2024): each of a few projected dimensions is bounded to `levels[i]` values and
+  rounded with a straight-through gradient; the grid is the codebook, so nothing collapses and
+  nothing is learned but the projections. Codes are one integer per group of dimensions (the
+  product code of its digits).
 * `KLBottleneck` is the Gaussian posterior of a VAE (Kingma & Welling, 2014) in the form used by
   stable-audio-tools: a projection to mean and softplus scale, sampled with the `noise` rng in
   training, the mean at evaluation.
@@ -520,6 +525,99 @@ class EMAResidualVQ(nn.Module):
             codes.append(codes_i)
             z = z + self.vq[i].output(vectors)
         return z, jnp.concatenate(raw, axis=-1), jnp.stack(codes, axis=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Finite scalar quantisation.
+
+FSQ_MAX_CODES = 2 ** 16  # the paper's largest codebook; code histograms stay small
+
+
+def fsq_bound(z: jax.Array, levels: jax.Array, eps: float = 1e-3) -> jax.Array:
+    """The paper's bounding function: `tanh(z + shift) * h - offset` with `h = (L - 1)(1 + ε) / 2`,
+    offset 1/2 for even L (so rounding gives L values, -L/2 .. L/2 - 1) and 0 for odd L
+    (-(L - 1)/2 .. (L - 1)/2), and `shift = atanh(offset / h)` so that 0 maps to 0."""
+    levels = levels.astype(jnp.float32)
+    half = (levels - 1.0) * (1.0 + eps) / 2.0
+    offset = jnp.where(levels % 2 == 0, 0.5, 0.0)
+    return jnp.tanh(z + jnp.arctanh(offset / half)) * half - offset
+
+
+def fsq_quantize(z: jax.Array, levels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`[..., d]` -> (grid values scaled to [-1, 1] with a straight-through gradient,
+    int32 digits in [0, levels))."""
+    bounded = fsq_bound(z, levels)
+    rounded = jnp.round(bounded)
+    half_width = (levels // 2).astype(jnp.float32)
+    return (straight_through(bounded, rounded) / half_width,
+            (rounded + half_width).astype(jnp.int32))
+
+
+def fsq_pack(digits: jax.Array, levels: jax.Array) -> jax.Array:
+    """int digits `[..., d]` -> product codes `[...]`: `sum_i digits_i * prod(levels[:i])`."""
+    basis = jnp.cumprod(jnp.concatenate([jnp.ones((1,), jnp.int32), levels[:-1]]))
+    return jnp.sum(digits * basis, axis=-1).astype(jnp.int32)
+
+
+def fsq_unpack(codes: jax.Array, levels: jax.Array) -> jax.Array:
+    """Product codes `[...]` -> grid values `[..., d]` in [-1, 1] (`fsq_pack`'s inverse)."""
+    basis = jnp.cumprod(jnp.concatenate([jnp.ones((1,), jnp.int32), levels[:-1]]))
+    digits = (codes[..., None] // basis) % levels
+    half_width = (levels // 2).astype(jnp.float32)
+    return (digits.astype(jnp.float32) - half_width) / half_width
+
+
+class FSQ(nn.Module):
+    """Finite scalar quantisation of `groups` groups of `len(levels)` projected dimensions.
+
+    A 1x1 convolution projects the encoder output to `groups * len(levels)` dimensions, each
+    group is quantised on the grid of `levels` and coded as one integer in
+    `[0, prod(levels))`, and another 1x1 convolution projects back. No losses, no state.
+    """
+
+    input_dim: int
+    levels: tuple[int, ...]
+    groups: int = 1
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def setup(self):
+        conv = dict(kernel_size=1, dtype=self.dtype, param_dtype=self.param_dtype)
+        self.in_proj = WNConv1d(self.groups * len(self.levels), **conv)
+        self.out_proj = WNConv1d(self.input_dim, **conv)
+
+    @property
+    def codebook_size(self) -> int:
+        return math.prod(self.levels)
+
+    def _levels(self) -> jax.Array:
+        return jnp.asarray(self.levels, jnp.int32)
+
+    def _check_groups(self, k: int | None, what: str):
+        if k is not None and int(k) != self.groups:
+            raise CodecError(f"{what}={k}: an FSQ codec's {self.groups} code groups are not "
+                             "ordered like residual codebooks; use all of them")
+
+    def __call__(self, x: jax.Array, *, n_quantizers: int | None = None, train: bool = False):
+        """Returns `(z [B, T, input_dim], aux)` with `codes` int32 `[B, T, groups]`, `latents`
+        (the projected, unbounded dimensions), `n_active`, empty `losses` and `stats`."""
+        self._check_groups(n_quantizers, "n_quantizers")
+        latents = self.in_proj(x).astype(jnp.float32)
+        b, t, _ = latents.shape
+        values, digits = fsq_quantize(latents.reshape(b, t, self.groups, -1), self._levels())
+        codes = fsq_pack(digits, self._levels())
+        z = self.out_proj(values.reshape(b, t, -1)).astype(jnp.float32)
+        aux = {"codes": codes, "latents": latents,
+               "n_active": jnp.full((b,), self.groups, jnp.int32), "losses": {},
+               "stats": codebook_usage(codes, self.codebook_size)}
+        return z, aux
+
+    def from_codes(self, codes: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Codes int `[B, T, groups]` -> `(z [B, T, input_dim], grid values [B, T, groups * d])`."""
+        self._check_groups(codes.shape[-1], "codes for")
+        values = fsq_unpack(codes, self._levels())
+        values = values.reshape(codes.shape[:2] + (-1,))
+        return self.out_proj(values).astype(jnp.float32), values
 
 
 # ----------------------------------------------------------------------------------------------
