@@ -356,7 +356,9 @@ def bench_data(opts: Options) -> dict:
 # ------------------------------------------------------------------------------------ codec
 
 def _rtf_row(metrics: dict, seconds: float) -> dict:
-    return {**metrics, "rtf": seconds / metrics["step_s"]["median"]}
+    flops = metrics.get("flops_per_step")
+    return {**metrics, "rtf": seconds / metrics["step_s"]["median"],
+            "flops_per_audio_second": flops / seconds if flops else None}
 
 
 def bench_codec(opts: Options) -> dict:
@@ -378,6 +380,7 @@ def bench_codec(opts: Options) -> dict:
     init = functools.partial(codec_train.init_state, section, crop_samples=n)
     state = meter.call(lambda r: nn.meta.unbox(init(r)), jax.random.key(0))
     params = param_count(state["params"])
+    decoder_params = param_count(state["params"]["decoder"])
     rng = np.random.default_rng(0)
     audio = jnp.asarray(0.1 * rng.standard_normal((batch, n, channels)), jnp.float32)
     step = functools.partial(codec_train.train_step, cfg=section)
@@ -398,7 +401,8 @@ def bench_codec(opts: Options) -> dict:
     decode = lambda v, z: codec.apply(v, z, method=Codec.decode)
     z, enc = meter(encode, variables, clip, examples=1)
     _, dec = meter(decode, variables, z, examples=1)
-    return _record("codec", spec, opts, section, params=params, batch=batch,
+    return _record("codec", spec, opts, section, params=params, decoder_params=decoder_params,
+                   decoder=str(section.model.get("decoder", "conv")), batch=batch,
                    repeats=meter.repeats, crop_seconds=n / sr, sample_rate=sr, **train, **peak,
                    seconds=seconds, encode=_rtf_row(enc, seconds), decode=_rtf_row(dec, seconds),
                    **compared)

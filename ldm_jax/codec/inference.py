@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ldm_jax import parallel, paths
+from ldm_jax.audio import loudness
 from ldm_jax.checkpoint import (
     MODEL_CONFIG,
     Checkpointer,
@@ -27,6 +28,7 @@ from ldm_jax.codec.convert import import_dac
 from ldm_jax.codec.model import PRESETS, Codec, CodecConfig, init_variables, make_codec
 from ldm_jax.codec.quantize import STATS, CodecError
 from ldm_jax.config import ConfigError
+from ldm_jax.controls.metrics import bootstrap_interval
 
 
 def codec_dir(path: str) -> str:
@@ -130,26 +132,42 @@ def load(source: str, *, rng: jax.Array | None = None, use_ema: bool = True
 
 
 def evaluate(loaded: LoadedCodec, clips: Sequence[np.ndarray], *,
-             n_codebooks: int | None = None, batch_size: int = 8) -> dict:
+             n_codebooks: int | None = None, batch_size: int = 8, seed: int = 0,
+             per_clip: bool = False) -> dict:
     """Reconstruction metrics on clips ([T] or [T, C]) at `n_codebooks` (all by default).
 
     On several hosts, call it on every host: the batches are shared among them (each host reads
     only its clips from a lazy sequence such as `builders.Column`) and the result is the same on
     every host, and the same as one host's.
 
+    Args:
+      seed: of the bootstrap intervals.
+      per_clip: also return every clip's values (`per_clip`: {metric: [value per clip]}).
+
     Returns:
-      mel_distance (DAC's multi-scale mel L1), stft_distance (multi-scale STFT), si_sdr (dB),
-      waveform_l1, bitrate_kbps (None for a KL codec) and the number of clips.
+      Means over clips of mel_distance (DAC's multi-scale mel L1), stft_distance (multi-scale
+      STFT), si_sdr (dB) and waveform_l1; loudness_difference_lu, reconstruction minus input in
+      integrated loudness (ITU-R BS.1770, LUFS), and loudness_abs_difference_lu, its absolute
+      value, over the `loudness_clips` clips loud enough to measure (silence measures -inf);
+      `METRIC/ci95`, a 95% percentile bootstrap interval of each mean; bitrate_kbps (None for a
+      KL codec) and num_clips.
     """
     cfg = loaded.config
-    names = ("mel_distance", "stft_distance", "si_sdr", "waveform_l1")
-    metric_fn = jax.jit(lambda y, x: {
-        "mel_distance": losses.mel_loss(y, x, cfg.sample_rate),
-        "stft_distance": losses.multiscale_stft_loss(y, x),
-        "si_sdr": jnp.mean(losses.si_sdr(y, x)),
-        "waveform_l1": losses.waveform_l1(y, x)})
+    sr = cfg.sample_rate
 
-    def batch_sums(rows: range) -> tuple[dict, int]:
+    def one(y, x):
+        y, x = y[None], x[None]
+        return {"mel_distance": losses.mel_loss(y, x, sr),
+                "stft_distance": losses.multiscale_stft_loss(y, x),
+                "si_sdr": jnp.mean(losses.si_sdr(y, x)),
+                "waveform_l1": losses.waveform_l1(y, x),
+                "loudness_difference_lu": (
+                    loudness.loudness_lufs(y, sr, axis=1, channel_axis=2)
+                    - loudness.loudness_lufs(x, sr, axis=1, channel_axis=2))[0]}
+
+    metric_fn = jax.jit(jax.vmap(one))
+
+    def batch_values(rows: range) -> dict:
         group = [np.asarray(c, np.float32).reshape(len(c), -1) for c in
                  (clips[i] for i in rows)]
         length = min(len(c) for c in group)
@@ -158,20 +176,25 @@ def evaluate(loaded: LoadedCodec, clips: Sequence[np.ndarray], *,
         y = loaded.decode(z)[:, :length]
         x = x[:, :y.shape[1]]
         values = jax.device_get(metric_fn(jnp.asarray(y), jnp.asarray(x)))
-        return {k: float(values[k]) * len(group) for k in names}, len(group)
+        return {k: [float(v) for v in values[k]] for k in values}
 
-    batches = parallel.map_batches(batch_sums, len(clips), batch_size)
-    count = sum(n for _, n in batches)
-    if not count:
+    batches = parallel.map_batches(batch_values, len(clips), batch_size)
+    values = {k: [v for b in batches for v in b[k]] for k in (batches[0] if batches else {})}
+    if not values or not values["mel_distance"]:
         raise CodecError("no clips to evaluate: the test split is empty")
-    sums = {k: 0.0 for k in names}
-    for values, _ in batches:
-        for k in names:
-            sums[k] += values[k]
-    result = {k: v / count for k, v in sums.items()}
-    result["num_clips"] = count
+    values["loudness_difference_lu"] = [v for v in values["loudness_difference_lu"]
+                                        if np.isfinite(v)]
+    values["loudness_abs_difference_lu"] = [abs(v) for v in values["loudness_difference_lu"]]
+    result = {}
+    for k, v in values.items():
+        result[k] = float(np.mean(v)) if v else None
+        result[f"{k}/ci95"] = list(bootstrap_interval(v, seed=seed)) if v else None
+    result["num_clips"] = len(values["mel_distance"])
+    result["loudness_clips"] = len(values["loudness_difference_lu"])
     n = 0 if cfg.quantizer == "kl" else (n_codebooks or cfg.n_codebooks)
     result["n_codebooks"] = n
     result["bitrate_kbps"] = quantize.bitrate(n, cfg.codebook_size, cfg.frame_rate) / 1000 \
         if n else None
+    if per_clip:
+        result["per_clip"] = values
     return result
