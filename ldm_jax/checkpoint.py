@@ -57,7 +57,9 @@ class Checkpointer:
     Args:
       directory: the checkpoint directory (local or gs://).
       keep: how many steps to keep.
-      model_config: the model section the checkpoints must fit.
+      model_config: the model section the checkpoints must fit: a dict, or a config dataclass
+        (`config.Section`), whose defaults then complete a checkpoint written before a field
+        existed (a field added with a default does not make old checkpoints foreign).
       this_host_only: a manager over this process alone, which never waits for other hosts
         (reading a trained model; writing one on a single host). By default every host must
         open the manager together.
@@ -67,6 +69,9 @@ class Checkpointer:
                  this_host_only: bool = False):
         # orbax refuses relative paths (tensorstore needs absolute ones); URLs such as gs:// pass.
         self.directory = epath.Path(paths.resolve(str(directory)))
+        self._section = model_config if hasattr(model_config, "from_dict") else None
+        if self._section is not None:
+            model_config = model_config.to_dict()
         self.model_config = json.loads(json.dumps(model_config, default=list)) \
             if model_config is not None else None
         if this_host_only:
@@ -99,6 +104,12 @@ class Checkpointer:
         if self.model_config is None or not path.exists():
             return
         saved = json.loads(path.read_text())
+        if self._section is not None:
+            try:
+                saved = json.loads(json.dumps(type(self._section).from_dict(saved).to_dict(),
+                                              default=list))
+            except (ValueError, TypeError):
+                pass  # not a valid config of this kind: compared as written
         diffs = config_differences(saved, self.model_config)
         if diffs:
             raise CheckpointError(

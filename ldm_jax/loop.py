@@ -53,6 +53,8 @@ class Task:
       step: pure `state, batch, rng -> (state, metrics)`; metrics a flat dict of scalars.
         The step folds `rng` with `state["step"]` itself, so a resumed run draws the same keys.
       model_config: the config section that fixes parameter shapes; checkpoints must match it.
+        A model's config dataclass rather than a dict lets a checkpoint written before a field
+        was added (with its default) still match (`checkpoint.Checkpointer`).
       prepare: host-side `numpy batch -> numpy batch` (field selection, tokenisation).
       evaluate: optional `state -> {name: float}` run every `eval_every` steps and at the end.
       media: optional `state -> {tag: ("audio", wave [T], sample_rate) | ("image", uint8 HWC)}`
@@ -70,7 +72,7 @@ class Task:
     name: str
     init: Callable[[jax.Array], Any]
     step: Callable[[Any, dict, jax.Array], tuple[Any, dict]]
-    model_config: dict
+    model_config: Any
     prepare: Callable[[dict], dict] = lambda batch: batch
     evaluate: Callable[[Any], dict] | None = None
     media: Callable[[Any], dict] | None = None
@@ -276,11 +278,11 @@ def initial_state(task: Task, rng, mesh, checkpointer: Checkpointer, *, resume_f
     if checkpointer.latest_step() is not None:
         return checkpointer.restore(target, data_iterator), shardings, "resumed"
     if resume_from:
-        other = Checkpointer(resume_from, model_config=checkpointer.model_config)
+        other = Checkpointer(resume_from, model_config=task.model_config)
         return other.restore(target, data_iterator), shardings, f"resumed from {resume_from}"
     state = jax.jit(lambda r: nn.meta.unbox(task.init(r)), out_shardings=shardings)(rng)
     if init_from:
-        other = Checkpointer(init_from, model_config=checkpointer.model_config,
+        other = Checkpointer(init_from, model_config=task.model_config,
                              this_host_only=True)
         try:
             other.check_config()

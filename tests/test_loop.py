@@ -81,6 +81,36 @@ def test_checkpoint_from_other_config_is_refused(tmp_path):
         run(tmp_path, 6, task=make_task(width=8))
 
 
+def test_a_config_field_added_with_its_default_keeps_old_checkpoints(tmp_path):
+    import dataclasses
+    import json
+
+    from ldm_jax.checkpoint import MODEL_CONFIG, Checkpointer
+    from ldm_jax.config import Section
+
+    @dataclasses.dataclass(frozen=True)
+    class Toy(Section):
+        width: int = 16
+        added: str = "old behaviour"
+
+    directory = tmp_path / "ck"
+    directory.mkdir()
+    (directory / MODEL_CONFIG).write_text(json.dumps({"width": 16}))  # before `added` existed
+
+    def check(model_config):
+        ck = Checkpointer(str(directory), model_config=model_config, this_host_only=True)
+        try:
+            ck.check_config()
+        finally:
+            ck.close()
+
+    check(Toy())
+    with pytest.raises(CheckpointError, match="added: checkpoint has 'old behaviour'"):
+        check(Toy(added="new"))
+    with pytest.raises(CheckpointError, match="added: checkpoint has '.absent.'"):
+        check({"width": 16, "added": "old behaviour"})
+
+
 def test_sharded_steps_equal_single_device(tmp_path):
     one = run(tmp_path / "one", 3, mesh=parallel.make_mesh(devices=jax.devices()[:1]))
     eight = run(tmp_path / "eight", 3, mesh=parallel.make_mesh({"data": 2, "fsdp": 4,

@@ -55,7 +55,31 @@ class ConvNeXtBlock(nn.Module):
         return x + gamma.astype(h.dtype) * h
 
 
-def spectrum_to_audio(head: jax.Array, hop_length: int, n_fft: int) -> jax.Array:
+def advancing_phase(delta: jax.Array, hop_length: int, n_fft: int) -> jax.Array:
+    """Phases from per-frame phase advances: `φ[t, k] = 2π k t hop / n_fft + Σ_{s≤t} δ[s, k]`.
+
+    A sinusoid at the centre frequency of bin k advances its phase by `2π k hop / n_fft` per
+    frame; one between bins by that plus a constant. So a steady tone is coherent from frame
+    to frame with `δ` constant in time (0 at the first frame's own phase), a local quantity the
+    network predicts from one frame's neighbourhood, where an absolute phase depends on the whole
+    past. The bin term is computed exactly modulo 2π in integers.
+
+    Args:
+      delta: `[B, frames, ..., bins]`.
+
+    Returns:
+      The phases, shaped like `delta`.
+    """
+    frames, bins = delta.shape[1], delta.shape[-1]
+    t = jnp.arange(frames, dtype=jnp.int32)[:, None]
+    k = jnp.arange(bins, dtype=jnp.int32)[None, :]
+    base = ((t * hop_length % n_fft) * k % n_fft).astype(jnp.float32) * (2 * jnp.pi / n_fft)
+    base = base.reshape((1, frames) + (1,) * (delta.ndim - 3) + (bins,))
+    return base + jnp.cumsum(delta, axis=1)
+
+
+def spectrum_to_audio(head: jax.Array, hop_length: int, n_fft: int, *,
+                      phase: str = "absolute") -> jax.Array:
     """Inverts the head's output.
 
     Args:
@@ -63,14 +87,18 @@ def spectrum_to_audio(head: jax.Array, hop_length: int, n_fft: int) -> jax.Array
         `n_fft // 2 + 1` bins of each frame.
       hop_length: samples per frame.
       n_fft: the STFT size (also the Hann window's length).
+      phase: "absolute" (Vocos: the head gives each frame's phase) or "advance" (the head gives
+        each frame's phase advance over the bin's own, `advancing_phase`).
 
     Returns:
       float32 audio `[B, frames * hop_length, channels]`.
     """
     head = head.astype(jnp.float32)
-    log_mag, phase = jnp.split(head, 2, axis=-1)
+    log_mag, angle = jnp.split(head, 2, axis=-1)
+    if phase == "advance":
+        angle = advancing_phase(angle, hop_length, n_fft)
     mag = jnp.minimum(jnp.exp(log_mag), 1e2)
-    spec = jax.lax.complex(mag * jnp.cos(phase), mag * jnp.sin(phase))
+    spec = jax.lax.complex(mag * jnp.cos(angle), mag * jnp.sin(angle))
     frames = head.shape[1]
     audio = dsp.istft(jnp.moveaxis(spec, 2, 1), hop_length, n_fft=n_fft, window="hann",
                       center=True, length=frames * hop_length)
@@ -86,6 +114,7 @@ class ISTFTDecoder(nn.Module):
     num_layers: int = 8
     mlp_ratio: float = 3.0
     channels: int = 1
+    phase: str = "absolute"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -103,4 +132,4 @@ class ISTFTDecoder(nn.Module):
         head = layers.dense(self.channels * 2 * bins, ("embed", "conv_out"), kernel_init=_INIT,
                             name="head", **kw)(x)
         head = head.reshape(head.shape[:2] + (self.channels, 2 * bins))
-        return spectrum_to_audio(head, self.hop_length, self.n_fft)
+        return spectrum_to_audio(head, self.hop_length, self.n_fft, phase=self.phase)

@@ -76,6 +76,7 @@ class CodecConfig(Section):
     istft_n_fft: int = 0
     istft_layers: int = 8
     istft_mlp_ratio: float = 3.0
+    istft_phase: str = "absolute"
     causal: bool = False
     transpose_output_padding: bool = False
     dtype: str = "float32"
@@ -110,6 +111,9 @@ class CodecConfig(Section):
             if self.causal:
                 raise ConfigError("model.decoder='istft' cannot be causal: each frame's window "
                                   "reaches into the next frames; use decoder='conv'")
+            if self.istft_phase not in ("absolute", "advance"):
+                raise ConfigError(f"model.istft_phase={self.istft_phase!r} is unknown; use "
+                                  "'absolute' or 'advance'")
             if self.istft_layers < 1 or self.istft_mlp_ratio <= 0:
                 raise ConfigError("model.istft_layers must be at least 1 and "
                                   "model.istft_mlp_ratio positive")
@@ -309,7 +313,8 @@ class Codec(nn.Module):
             self.quantizer = quantize.KLBottleneck(latent, **kw)
         if c.decoder == "istft":
             self.decoder = ISTFTDecoder(c.decoder_dim, c.hop_length, c.resolved_istft_n_fft,
-                                        c.istft_layers, c.istft_mlp_ratio, c.channels, **kw)
+                                        c.istft_layers, c.istft_mlp_ratio, c.channels,
+                                        phase=c.istft_phase, **kw)
         else:
             self.decoder = Decoder(c.decoder_dim, c.decoder_rates, c.channels, causal=c.causal,
                                    output_padding=c.transpose_output_padding, **kw)

@@ -195,7 +195,7 @@ def make_task(cfg, *, media_audio: np.ndarray | None = None) -> loop.Task:
 
     return loop.Task(name="codec", init=functools.partial(init_state, cfg, crop_samples=n),
                      step=functools.partial(train_step, cfg=cfg),
-                     model_config=dict(CodecConfig.from_dict(cfg.model).to_dict()),
+                     model_config=CodecConfig.from_dict(cfg.model),
                      prepare=prepare, media=media)
 
 

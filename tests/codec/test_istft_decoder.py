@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from ldm_jax.codec import Codec, CodecConfig, init_variables, make_codec
-from ldm_jax.codec.istft_decoder import spectrum_to_audio
+from ldm_jax.codec.istft_decoder import advancing_phase, spectrum_to_audio
 from ldm_jax.config import ConfigError
 
 RNG = jax.random.key(0, impl="rbg")
@@ -37,6 +37,26 @@ def test_a_sine_spectrum_comes_back_as_the_sine():
     audio = spectrum_to_audio(jnp.asarray(head[None, :, None], jnp.float32), hop, n_fft)
     # The last frame's right half is missing from 40 frames: compare away from the end.
     np.testing.assert_allclose(audio[0, :-n_fft, 0], x[:-n_fft], atol=1e-4)
+
+
+def test_advancing_phase_follows_a_steady_tone():
+    hop, n_fft, sr = 40, 160, 16000
+    k0 = 13  # a tone at a bin's centre: 1300 Hz
+    t = np.arange(30 * hop) / sr
+    spec = librosa.stft(np.cos(2 * np.pi * k0 * sr / n_fft * t + 0.7), n_fft=n_fft,
+                        hop_length=hop, window="hann", center=True)[:, 2:22].T  # [frames, bins]
+    delta = np.zeros((1, 20, 1, n_fft // 2 + 1), np.float32)
+    # The first frame carries the tone's phase there, less the bin's own advance to frame 0.
+    delta[0, 0, 0, k0] = np.angle(spec[0, k0])
+    phase = np.asarray(advancing_phase(jnp.asarray(delta), hop, n_fft))[0, :, 0, k0]
+    np.testing.assert_allclose(np.exp(1j * phase), np.exp(1j * np.angle(spec[:, k0])),
+                               atol=1e-4)
+    # Between bins, a constant advance keeps the tone coherent.
+    offset = 0.3
+    delta[0, 1:, 0, k0] = offset
+    phase = np.asarray(advancing_phase(jnp.asarray(delta), hop, n_fft))[0, :, 0, k0]
+    np.testing.assert_allclose(np.diff(np.unwrap(phase)),
+                               2 * np.pi * k0 * hop / n_fft % (2 * np.pi) + offset, atol=1e-4)
 
 
 def _codec(**overrides):
@@ -85,3 +105,5 @@ def test_istft_config_errors():
         CodecConfig(decoder="istft", encoder_rates=(2, 4), istft_n_fft=6)
     with pytest.raises(ConfigError, match="decoder"):
         CodecConfig(decoder="wavenet")
+    with pytest.raises(ConfigError, match="istft_phase"):
+        CodecConfig(decoder="istft", istft_phase="random")
