@@ -1,7 +1,8 @@
 """Using a trained or imported codec: load it, encode and decode files, evaluate it.
 
-A codec directory (`W/codec`, or the `--out` of `codec import-dac`) holds orbax checkpoints under
-`checkpoints/` and the model config beside them (`checkpoints/model_config.json`).
+A codec directory (`W/codec`, or the `--out` of `codec import-dac` / `codec import-encodec`)
+holds orbax checkpoints under `checkpoints/` and the model config beside them
+(`checkpoints/model_config.json`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from ldm_jax.checkpoint import (
 )
 from ldm_jax.codec import losses, quantize
 from ldm_jax.codec.convert import import_dac
+from ldm_jax.codec.encodec_import import import_encodec
 from ldm_jax.codec.model import PRESETS, Codec, CodecConfig, init_variables, make_codec
 from ldm_jax.codec.quantize import STATS, CodecError
 from ldm_jax.config import ConfigError
@@ -36,8 +38,9 @@ def codec_dir(path: str) -> str:
     for candidate in (path, os.path.join(path, "codec")):
         if paths.isfile(os.path.join(candidate, "checkpoints", MODEL_CONFIG)):
             return candidate
-    raise CheckpointError(f"no trained codec in {path}: run `ldm-jax train codec --workdir W` or "
-                          "`ldm-jax codec import-dac WEIGHTS.pth --out DIR` first")
+    raise CheckpointError(f"no trained codec in {path}: run `ldm-jax train codec --workdir W`, "
+                          "`ldm-jax codec import-dac WEIGHTS.pth --out DIR` or `ldm-jax codec "
+                          "import-encodec WEIGHTS.th --out DIR` first")
 
 
 class LoadedCodec:
@@ -49,7 +52,7 @@ class LoadedCodec:
         self._encode = jax.jit(lambda v, x, n: codec.apply(v, x, n_quantizers=n,
                                                            method=Codec.encode),
                                static_argnums=2)
-        self._decode = jax.jit(lambda v, z: codec.apply(v, z, method=Codec.decode))
+        self._decode = jax.jit(lambda v, z, s: codec.apply(v, z, s, method=Codec.decode))
         self._from_codes = jax.jit(lambda v, c: codec.apply(v, c, method=Codec.from_codes))
 
     @property
@@ -57,20 +60,33 @@ class LoadedCodec:
         return self.config.sample_rate
 
     def encode(self, audio: np.ndarray, n_codebooks: int | None = None) -> dict:
-        """Audio [B, T, C] -> {"z": [B, T', D], "codes": [B, T', K] (quantised codecs)}."""
+        """Audio [B, T, C] -> {"z": [B, T', D], "codes": [B, T', K] (quantised codecs),
+        "scale": [B] (codecs that `normalize`; `decode` needs it back)}."""
         z, aux = self._encode(self.variables, jnp.asarray(audio, jnp.float32), n_codebooks)
         out = {"z": np.asarray(z)}
-        if "codes" in aux:
-            out["codes"] = np.asarray(aux["codes"])
-        if "mean" in aux:
-            out["mean"] = np.asarray(aux["mean"])
+        for key in ("codes", "mean", "scale"):
+            if key in aux:
+                out[key] = np.asarray(aux[key])
         return out
 
-    def decode(self, z: np.ndarray) -> np.ndarray:
-        return np.asarray(self._decode(self.variables, jnp.asarray(z, jnp.float32)))
+    @staticmethod
+    def _scale(scale, batch: int):
+        return None if scale is None else jnp.broadcast_to(jnp.asarray(scale, jnp.float32),
+                                                           (batch,))
 
-    def decode_codes(self, codes: np.ndarray) -> np.ndarray:
-        return self.decode(self._from_codes(self.variables, jnp.asarray(codes, jnp.int32)))
+    def decode(self, z: np.ndarray, scale: np.ndarray | None = None) -> np.ndarray:
+        """Latents [B, T', D] (and `encode`'s `scale` [B]) -> audio [B, samples, C].
+
+        A codec that normalises (`config.normalize`) decodes at the normalised volume (RMS
+        about 1) unless given the `scale` its `encode` returned, e.g. for generated latents.
+        """
+        z = jnp.asarray(z, jnp.float32)
+        return np.asarray(self._decode(self.variables, z, self._scale(scale, z.shape[0])))
+
+    def decode_codes(self, codes: np.ndarray, scale: np.ndarray | None = None) -> np.ndarray:
+        """Codes [B, T', k] (and `encode`'s `scale` [B]) -> audio [B, samples, C]."""
+        return self.decode(self._from_codes(self.variables, jnp.asarray(codes, jnp.int32)),
+                           scale)
 
 
 def write_checkpoint(directory: str, config: CodecConfig, params, stats=None, step: int = 0):
@@ -101,9 +117,10 @@ def load(source: str, *, rng: jax.Array | None = None, use_ema: bool = True
     """The codec and its variables, from wherever its weights are.
 
     Args:
-      source: a trained codec directory (`ldm-jax train codec`, `codec import-dac`) or a workdir
-        W holding W/codec; a model file from `ldm-jax export` (`.msgpack`); a released DAC
-        `.pth` file (imported without torch); or a name in `PRESETS` (freshly initialised).
+      source: a trained codec directory (`ldm-jax train codec`, `codec import-dac`,
+        `codec import-encodec`) or a workdir W holding W/codec; a model file from `ldm-jax
+        export` (`.msgpack`); a released DAC `.pth` or EnCodec `.th` file (imported without
+        torch); or a name in `PRESETS` (freshly initialised).
       rng: PRNG key for a preset's initialisation (default `PRNGKey(0)`).
       use_ema: a trained codec's EMA parameters where it has them.
 
@@ -119,6 +136,9 @@ def load(source: str, *, rng: jax.Array | None = None, use_ema: bool = True
     if source.endswith((".pth", ".pt")):
         config, params = import_dac(source)
         return make_codec(config), {"params": params}
+    if source.endswith(".th"):
+        config, params, stats = import_encodec(source)
+        return make_codec(config), {"params": params, STATS: stats}
     if source.endswith(".msgpack"):
         exported = read_export(source, "codec")
         return make_codec(exported["config"]["model"]), exported["variables"]
@@ -126,7 +146,7 @@ def load(source: str, *, rng: jax.Array | None = None, use_ema: bool = True
         loaded = load_trained(source, use_ema=use_ema)
     except CheckpointError:
         raise ConfigError(f"cannot load a codec from {source!r}: give a trained codec directory "
-                          f"or workdir, a DAC .pth file or one of the presets "
+                          f"or workdir, a DAC .pth or EnCodec .th file or one of the presets "
                           f"{', '.join(sorted(PRESETS))}") from None
     return loaded.codec, loaded.variables
 
@@ -172,8 +192,8 @@ def evaluate(loaded: LoadedCodec, clips: Sequence[np.ndarray], *,
                  (clips[i] for i in rows)]
         length = min(len(c) for c in group)
         x = np.stack([c[:length] for c in group])
-        z = loaded.encode(x, n_codebooks)["z"]
-        y = loaded.decode(z)[:, :length]
+        encoded = loaded.encode(x, n_codebooks)
+        y = loaded.decode(encoded["z"], encoded.get("scale"))[:, :length]
         x = x[:, :y.shape[1]]
         values = jax.device_get(metric_fn(jnp.asarray(y), jnp.asarray(x)))
         return {k: [float(v) for v in values[k]] for k in values}
