@@ -235,13 +235,17 @@ def cmd_codec_encode(args, cfg):
         if n_codebooks is not None:
             raise config_lib.ConfigError("give --bandwidth or --n-codebooks, not both")
         n_codebooks = loaded.config.n_codebooks_for_bandwidth(args.bandwidth)
-    out = loaded.encode(audio[None], n_codebooks)
+    # A codec trained on segments (EnCodec 48 kHz) encodes each on its own, as EnCodec does.
+    encode = loaded.encode_segments if loaded.segment else loaded.encode
+    out = encode(audio[None], n_codebooks)
     payload = {"z": out["z"][0], "sample_rate": loaded.sample_rate, "num_samples": len(audio),
                "hop_length": loaded.config.hop_length}
     if "codes" in out:
         payload["codes"] = out["codes"][0].astype(np.int32)
     if "scale" in out:
         payload["scale"] = out["scale"][0]
+    if "segment_frames" in out:
+        payload["segment_frames"] = out["segment_frames"]
     np.savez_compressed(args.output, **payload)
     what = (f"codes {payload['codes'].shape}" if "codes" in payload
             else f"latents {out['z'][0].shape}")
@@ -265,7 +269,13 @@ def cmd_codec_decode(args, cfg):
         if k > codes.shape[-1]:
             raise config_lib.ConfigError(f"{args.input} holds {codes.shape[-1]} codebooks; "
                                          f"--n-codebooks {k} is too many")
-        audio = loaded.decode_codes(codes[None, :, :k], scale)[0]
+        if "segment_frames" in data:
+            audio = loaded.decode_segments(data["segment_frames"], codes=codes[None, :, :k],
+                                           scale=scale)[0]
+        else:
+            audio = loaded.decode_codes(codes[None, :, :k], scale)[0]
+    elif "segment_frames" in data:
+        audio = loaded.decode_segments(data["segment_frames"], z=data["z"][None], scale=scale)[0]
     else:
         audio = loaded.decode(data["z"][None], scale)[0]
     n = int(data["num_samples"]) if "num_samples" in data else len(audio)

@@ -43,8 +43,48 @@ def codec_dir(path: str) -> str:
                           "import-encodec WEIGHTS.th --out DIR` first")
 
 
+def segment_bounds(num_samples: int, segment_length: int, stride: int) -> list[tuple[int, int]]:
+    """EnCodec's segments of a clip: `(offset, length)` for offsets `0, stride, 2 stride, ...`
+    below `num_samples`, each `segment_length` long or cut by the clip's end."""
+    return [(o, min(segment_length, num_samples - o)) for o in range(0, num_samples, stride)]
+
+
+def linear_overlap_add(frames: Sequence[np.ndarray], stride: int) -> np.ndarray:
+    """EnCodec's overlap-add of decoded segments with triangular weights.
+
+    Each segment is weighted by a triangle peaking at its middle (of the first segment's
+    length, cut for shorter ones), the weighted segments are summed at multiples of `stride`,
+    and the sum is divided by the summed weights: where two segments overlap, the output fades
+    linearly from the first to the second; where one covers a sample alone, it is kept as is.
+
+    Args:
+      frames: `[B, T_i, C]` decoded segments, all but the last of the same length.
+      stride: samples between segment starts.
+
+    Returns:
+      `[B, stride * (n - 1) + T_last, C]`.
+    """
+    length = frames[0].shape[1]
+    t = np.linspace(0.0, 1.0, length + 2, dtype=np.float32)[1:-1]
+    weight = (0.5 - np.abs(t - 0.5)).astype(np.float32)
+    total = stride * (len(frames) - 1) + frames[-1].shape[1]
+    out = np.zeros((frames[0].shape[0], total, frames[0].shape[2]), np.float32)
+    weights = np.zeros((total,), np.float32)
+    for i, frame in enumerate(frames):
+        n = frame.shape[1]
+        out[:, i * stride:i * stride + n] += weight[:n, None] * frame
+        weights[i * stride:i * stride + n] += weight[:n]
+    return out / weights[None, :, None]
+
+
 class LoadedCodec:
-    """A codec with its variables and jitted encode/decode, for files and evaluation."""
+    """A codec with its variables and jitted encode/decode, for files and evaluation.
+
+    `encode` / `decode` treat each clip as one piece. A codec trained on segments
+    (`config.segment_seconds`, EnCodec 48 kHz) is used as EnCodec uses it by `encode_segments`
+    / `decode_segments` (and `roundtrip`): clips cut into overlapping segments, each encoded on
+    its own (with its own volume scale), decoded segments joined by `linear_overlap_add`.
+    """
 
     def __init__(self, codec: Codec, variables: dict):
         self.codec, self.variables = codec, variables
@@ -87,6 +127,55 @@ class LoadedCodec:
         """Codes [B, T', k] (and `encode`'s `scale` [B]) -> audio [B, samples, C]."""
         return self.decode(self._from_codes(self.variables, jnp.asarray(codes, jnp.int32)),
                            scale)
+
+    @property
+    def segment(self) -> tuple[int, int] | None:
+        """`(segment_length, stride)` in samples as EnCodec computes them, or None (whole
+        clips)."""
+        c = self.config
+        if c.segment_seconds <= 0:
+            return None
+        length = int(c.segment_seconds * c.sample_rate)
+        return length, max(1, int((1 - c.segment_overlap) * length))
+
+    def encode_segments(self, audio: np.ndarray, n_codebooks: int | None = None) -> dict:
+        """Audio [B, T, C] -> `encode`'s outputs per segment (one segment without
+        `config.segment_seconds`), concatenated along frames, with `segment_frames` [n] (the
+        frames of each segment) and `scale` [B, n] for a codec that normalises."""
+        length, stride = self.segment or (audio.shape[1], audio.shape[1])
+        parts = [self.encode(audio[:, o:o + n], n_codebooks)
+                 for o, n in segment_bounds(audio.shape[1], length, stride)]
+        out = {k: np.concatenate([p[k] for p in parts], axis=1) for k in parts[0]
+               if k != "scale"}
+        if "scale" in parts[0]:
+            out["scale"] = np.stack([p["scale"] for p in parts], axis=1)
+        out["segment_frames"] = np.asarray([p["z"].shape[1] for p in parts], np.int32)
+        return out
+
+    def decode_segments(self, segment_frames: Sequence[int], *, z: np.ndarray | None = None,
+                        codes: np.ndarray | None = None,
+                        scale: np.ndarray | None = None) -> np.ndarray:
+        """`encode_segments`' latents `z` or `codes` (and `scale` [B, n]) -> audio [B, samples,
+        C], each segment decoded on its own and the segments overlap-added."""
+        bounds = np.cumsum([0, *segment_frames])
+        data = z if codes is None else codes
+        if data is None or bounds[-1] != data.shape[1]:
+            raise CodecError(f"segment_frames add up to {bounds[-1]} frames; the "
+                             f"{'codes' if codes is not None else 'latents'} have "
+                             f"{None if data is None else data.shape[1]}")
+        decode = self.decode if codes is None else self.decode_codes
+        pieces = [decode(data[:, a:b], None if scale is None else np.asarray(scale)[:, i])
+                  for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
+        stride = (self.segment or (0, 0))[1]
+        return pieces[0] if len(pieces) == 1 else linear_overlap_add(pieces, stride)
+
+    def roundtrip(self, audio: np.ndarray, n_codebooks: int | None = None) -> np.ndarray:
+        """Audio [B, T, C] encoded and decoded as the codec is meant to be used (in segments
+        where it has them, with its volume scale), cut to T samples."""
+        encoded = self.encode_segments(audio, n_codebooks)
+        y = self.decode_segments(encoded["segment_frames"], z=encoded["z"],
+                                 scale=encoded.get("scale"))
+        return y[:, :audio.shape[1]]
 
 
 def write_checkpoint(directory: str, config: CodecConfig, params, stats=None, step: int = 0):
@@ -192,8 +281,7 @@ def evaluate(loaded: LoadedCodec, clips: Sequence[np.ndarray], *,
                  (clips[i] for i in rows)]
         length = min(len(c) for c in group)
         x = np.stack([c[:length] for c in group])
-        encoded = loaded.encode(x, n_codebooks)
-        y = loaded.decode(encoded["z"], encoded.get("scale"))[:, :length]
+        y = loaded.roundtrip(x, n_codebooks)
         x = x[:, :y.shape[1]]
         values = jax.device_get(metric_fn(jnp.asarray(y), jnp.asarray(x)))
         return {k: [float(v) for v in values[k]] for k in values}

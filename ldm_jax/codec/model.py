@@ -61,9 +61,11 @@ class CodecConfig(Section):
     are the rest of its constructor arguments. EnCodec's bottleneck is `quantizer="ema_rvq"`
     with `codebook_dim = latent_dim`. `normalize` divides each clip by its volume (the RMS of
     its channel mean, plus 1e-8) before encoding and multiplies the decoded audio back (EnCodec
-    48 kHz); `segment_seconds` > 0 and `segment_overlap` record that the model was trained on
-    segments of that length (EnCodec's `segment`, `overlap`); `target_bandwidths` (kbps) are
-    the bitrates it was trained for (`n_codebooks_for_bandwidth`).
+    48 kHz); `segment_seconds` > 0 and `segment_overlap` say that the model works on segments
+    of that length overlapping by that fraction (EnCodec's `segment`, `overlap`): the module
+    codes what it is given as one piece, `inference.LoadedCodec.encode_segments` and the CLI
+    cut clips as EnCodec does. `target_bandwidths` (kbps) are the bitrates the model was
+    trained for (`n_codebooks_for_bandwidth`).
     """
 
     LABEL: ClassVar[str] = "codec config"

@@ -5,6 +5,7 @@ The released models' manifests hold shapes only: their numerics (notably the 48 
 GroupNorm, non-causal padding and normalisation) are not compared with PyTorch here.
 """
 
+import dataclasses
 import functools
 import json
 import os
@@ -331,3 +332,45 @@ def test_exact_straight_through_keeps_the_codebook_vector():
     np.testing.assert_array_equal(straight_through_exact(x, q), q)  # bit for bit
     grad = jax.grad(lambda x: jnp.sum(2.0 * straight_through_exact(x, q)))(x)
     np.testing.assert_array_equal(grad, 2.0 * np.ones(3))
+
+
+def test_segments_and_overlap_add_are_encodecs():
+    from ldm_jax.codec.inference import linear_overlap_add, segment_bounds
+    assert segment_bounds(1000, 400, 360) == [(0, 400), (360, 400), (720, 280)]
+    assert segment_bounds(300, 400, 360) == [(0, 300)]
+    one = np.arange(12, dtype=np.float32).reshape(1, 6, 2)
+    np.testing.assert_allclose(linear_overlap_add([one], 4), one, rtol=1e-6)  # w x / w
+    a, b = np.ones((1, 6, 1), np.float32), 3 * np.ones((1, 5, 1), np.float32)
+    y = linear_overlap_add([a, b], 4)[0, :, 0]
+    # Triangle weights w = 0.5 - |t - 0.5| on t = linspace(0, 1, 8)[1:-1]: samples 0-3 are the
+    # first segment's alone, 4 and 5 blend by the weights, 6-8 are the second's alone.
+    w = 0.5 - np.abs(np.linspace(0, 1, 8)[1:-1] - 0.5)
+    want = [1, 1, 1, 1, (w[4] + 3 * w[0]) / (w[4] + w[0]), (w[5] + 3 * w[1]) / (w[5] + w[1]),
+            3, 3, 3]
+    np.testing.assert_allclose(y, want, rtol=1e-6)
+
+
+def test_cli_segmented_normalising_codec(tmp_path, capsys):
+    from ldm_jax.codec import inference
+    config = dataclasses.replace(_stereo_config(), segment_seconds=0.05, segment_overlap=0.1)
+    codec = make_codec(config)
+    variables = _numpy_variables(codec)
+    out = str(tmp_path / "stereo")
+    inference.write_checkpoint(out, config, variables["params"], variables[STATS])
+    rng = np.random.default_rng(2)
+    x = (0.1 * rng.standard_normal((1000, 2))).astype(np.float32)
+    x[500:] *= 4.0  # louder from the middle: the segments get different scales
+    wav, codes, y = (str(tmp_path / n) for n in ("x.wav", "codes.npz", "y.wav"))
+    sf.write(wav, x, 8000, subtype="FLOAT")
+    assert cli.main(["codec", "encode", wav, "-o", codes, "--codec", out]) == 0
+    data = np.load(codes)
+    # 400-sample segments every 360 samples, 8 samples per frame.
+    np.testing.assert_array_equal(data["segment_frames"], [50, 50, 35])
+    assert data["codes"].shape == (135, 3)
+    want = [float(normalize_volume(jnp.asarray(x[None, o:o + n]))[1][0])
+            for o, n in ((0, 400), (360, 400), (720, 280))]
+    np.testing.assert_allclose(data["scale"], want, rtol=1e-5)
+    assert cli.main(["codec", "decode", codes, "-o", y, "--codec", out]) == 0
+    audio, sr = sf.read(y, dtype="float32")
+    assert sr == 8000 and audio.shape == (1000, 2)
+    capsys.readouterr()
