@@ -10,7 +10,7 @@ with transposed convolutions that halve the channels.
 Padding follows EnCodec's `SConv1d` exactly, so that checkpoints import with numerical parity
 (`encodec_import.py`): a convolution of effective kernel `K = (k - 1) * d + 1` and stride `s` is
 padded by `K - s` samples, all on the left when causal and split with the larger half on the
-left otherwise, plus zeros' worth of extra samples on the right so the last window is full
+left otherwise, plus, on the right, the extra samples that make the last window full
 (`ceil(T / s)` frames); the padding reflects the signal (`pad_mode="reflect"`), with EnCodec's
 handling of inputs shorter than the padding. Transposed convolutions produce the full output
 and trim `K - s` samples: on the right by `trim_right_ratio` when causal, split like the
@@ -267,8 +267,9 @@ class SConvTranspose1d(nn.Module):
 class LSTM(nn.Module):
     """EnCodec's `SLSTM`: a `num_layers` PyTorch LSTM at the input width, plus the input.
 
-    Each layer `layer_{k}` holds `kernel_ih` `[I, 4H]`, `kernel_hh` `[H, 4H]`, `bias_ih` and
-    `bias_hh` `[4H]`, PyTorch's tensors transposed; PyTorch's init U(-1/sqrt(H), 1/sqrt(H)).
+    Layer `k` has the parameters `layer_{k}_kernel_ih` `[I, 4H]`, `layer_{k}_kernel_hh`
+    `[H, 4H]` (PyTorch's `weight_ih_l{k}`, `weight_hh_l{k}` transposed), `layer_{k}_bias_ih` and
+    `layer_{k}_bias_hh` `[4H]`; PyTorch's init U(-1/sqrt(H), 1/sqrt(H)).
     """
 
     num_layers: int = 2

@@ -374,3 +374,20 @@ def test_cli_segmented_normalising_codec(tmp_path, capsys):
     audio, sr = sf.read(y, dtype="float32")
     assert sr == 8000 and audio.shape == (1000, 2)
     capsys.readouterr()
+
+
+def test_padding_rules_are_encodecs():
+    from ldm_jax.codec.seanet import conv_padding, pad1d, transpose_trim
+    # Fixed padding K - stride (K the dilated kernel), plus what fills the last window.
+    assert conv_padding(203, 8, 4, causal=True) == (4, 1)
+    assert conv_padding(203, 8, 4) == (2, 3)
+    assert conv_padding(10, 3, 1, dilation=4) == (4, 4)
+    assert conv_padding(10, 7, causal=True) == (6, 0)
+    x = jnp.asarray([1.0, 2.0, 3.0])[None, :, None]
+    np.testing.assert_array_equal(pad1d(x, 1, 2)[0, :, 0], [2, 1, 2, 3, 2, 1])
+    # Shorter than the padding: zeros appended, reflected, then cut off again.
+    np.testing.assert_array_equal(pad1d(x, 6, 0)[0, :, 0], [0, 0, 0, 0, 3, 2, 1, 2, 3])
+    np.testing.assert_array_equal(pad1d(x, 2, 1, "constant")[0, :, 0], [0, 0, 1, 2, 3, 0])
+    assert transpose_trim(10, 5, causal=True) == (0, 5)
+    assert transpose_trim(10, 5, causal=True, trim_right_ratio=0.5) == (2, 3)
+    assert transpose_trim(10, 5) == (3, 2)
