@@ -230,11 +230,22 @@ def cmd_codec_encode(args, cfg):
     loaded = inference.load_trained(_codec_source(args))
     audio, _ = audio_io.read_audio(args.input, sample_rate=loaded.sample_rate,
                                    mono=loaded.config.channels == 1)
-    out = loaded.encode(audio[None], args.n_codebooks)
+    n_codebooks = args.n_codebooks
+    if args.bandwidth is not None:
+        if n_codebooks is not None:
+            raise config_lib.ConfigError("give --bandwidth or --n-codebooks, not both")
+        n_codebooks = loaded.config.n_codebooks_for_bandwidth(args.bandwidth)
+    # A codec trained on segments (EnCodec 48 kHz) encodes each on its own, as EnCodec does.
+    encode = loaded.encode_segments if loaded.segment else loaded.encode
+    out = encode(audio[None], n_codebooks)
     payload = {"z": out["z"][0], "sample_rate": loaded.sample_rate, "num_samples": len(audio),
                "hop_length": loaded.config.hop_length}
     if "codes" in out:
         payload["codes"] = out["codes"][0].astype(np.int32)
+    if "scale" in out:
+        payload["scale"] = out["scale"][0]
+    if "segment_frames" in out:
+        payload["segment_frames"] = out["segment_frames"]
     np.savez_compressed(args.output, **payload)
     what = (f"codes {payload['codes'].shape}" if "codes" in payload
             else f"latents {out['z'][0].shape}")
@@ -251,15 +262,22 @@ def cmd_codec_decode(args, cfg):
         data = np.load(args.input)
     except (OSError, ValueError) as e:
         raise config_lib.ConfigError(f"cannot read {args.input}: {e}") from e
+    scale = data["scale"][None] if "scale" in data else None
     if "codes" in data:
         codes = data["codes"]
         k = args.n_codebooks or codes.shape[-1]
         if k > codes.shape[-1]:
             raise config_lib.ConfigError(f"{args.input} holds {codes.shape[-1]} codebooks; "
                                          f"--n-codebooks {k} is too many")
-        audio = loaded.decode_codes(codes[None, :, :k])[0]
+        if "segment_frames" in data:
+            audio = loaded.decode_segments(data["segment_frames"], codes=codes[None, :, :k],
+                                           scale=scale)[0]
+        else:
+            audio = loaded.decode_codes(codes[None, :, :k], scale)[0]
+    elif "segment_frames" in data:
+        audio = loaded.decode_segments(data["segment_frames"], z=data["z"][None], scale=scale)[0]
     else:
-        audio = loaded.decode(data["z"][None])[0]
+        audio = loaded.decode(data["z"][None], scale)[0]
     n = int(data["num_samples"]) if "num_samples" in data else len(audio)
     audio_io.write_audio(args.output, audio[:n], loaded.sample_rate)
     print(f"{args.output}: {min(n, len(audio)) / loaded.sample_rate:.2f} s")
@@ -285,6 +303,21 @@ def cmd_codec_import_dac(args, cfg):
     inference.write_checkpoint(args.out, config, params)
     print(f"{args.out}: DAC codec at {config.sample_rate} Hz, {config.n_codebooks} codebooks, "
           f"hop {config.hop_length}")
+
+
+def cmd_codec_import_encodec(args, cfg):
+    from ldm_jax.codec import encodec_import, inference
+    from ldm_jax.codec.model import CodecConfig
+    if args.overrides:
+        raise config_lib.ConfigError("codec import-encodec takes no --config.KEY overrides: its "
+                                     "--config is EnCodec's constructor arguments (JSON)")
+    config, params, stats = encodec_import.import_encodec(args.weights, args.config)
+    config = CodecConfig.from_dict(config)
+    inference.write_checkpoint(args.out, config, params, stats)
+    bandwidths = ", ".join(f"{b:g}" for b in config.target_bandwidths)
+    print(f"{args.out}: EnCodec codec at {config.sample_rate} Hz, {config.channels} channel(s), "
+          f"{config.n_codebooks} codebooks, hop {config.hop_length}"
+          + (f", bandwidths {bandwidths} kbps" if bandwidths else ""))
 
 
 # ---------------------------------------------------------------------------------------- clap
@@ -699,6 +732,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--codec", default=None, help="a codec directory (instead of --workdir)")
         p.add_argument("--n-codebooks", type=POSITIVE_INT, default=None,
                        help="use only the first K codebooks (lower bitrate)")
+        if name == "encode":
+            p.add_argument("--bandwidth", type=POSITIVE, default=None, metavar="KBPS",
+                           help="as many codebooks as fit this bitrate (EnCodec's "
+                                "bandwidths, e.g. 6 for 6 kbps)")
         _add_config(p, default="codec_tiny")
         _add_distributed(p)
         p.set_defaults(func=func, leader=True)
@@ -719,6 +756,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p, workdir=False)
     _add_distributed(p)
     p.set_defaults(func=cmd_codec_import_dac, leader=True)
+    p = codec_sub.add_parser("import-encodec", help="import an EnCodec .th checkpoint",
+                             epilog=EPILOG)
+    p.add_argument("weights", help="EnCodec state dict .th (read without executing pickled "
+                                   "code); the released 24 and 48 kHz layouts are recognised")
+    p.add_argument("--out", required=True, help="codec directory to write")
+    p.add_argument("--config", default=None, metavar="JSON",
+                   help="EnCodec's constructor arguments (seanet_encoder, seanet_decoder, "
+                        "quantizer, model) for a model that is not a release")
+    _add_distributed(p)
+    p.set_defaults(func=cmd_codec_import_encodec, leader=True, loads_config=False)
 
     ctl = sub.add_parser("controls", help="musical controls: melody, dynamics, rhythm",
                          epilog=EPILOG)

@@ -116,6 +116,7 @@ BAD_OPTIONS = [
     (["clap", "retrieve", "--query", "q", "--top", "0"], "--top"),
     (["codec", "encode", "a.wav", "-o", "b.npz", "--n-codebooks", "0"], "--n-codebooks"),
     (["codec", "decode", "b.npz", "-o", "a.wav", "--n-codebooks", "-2"], "--n-codebooks"),
+    (["codec", "encode", "a.wav", "-o", "b.npz", "--bandwidth", "0"], "--bandwidth"),
     (["codec", "eval", "--n-codebooks", "0"], "--n-codebooks"),
     (["codec", "eval", "--max-clips", "-1"], "--max-clips"),
     (["data", "show", "synthetic_music", "-n", "0"], "--num"),

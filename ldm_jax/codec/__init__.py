@@ -2,10 +2,12 @@
 
 The model contract of every family: `CodecConfig` (frozen; `CodecConfig.from_dict` checks the
 keys), `make_model(config)` -> the Linen `Codec`, `init_variables(model, rng)`, and
-`load(path_or_preset) -> (model, variables)` for a trained directory, a DAC `.pth` or a preset.
+`load(path_or_preset) -> (model, variables)` for a trained directory, a DAC `.pth`, a released
+EnCodec `.th` or a preset.
 """
 
 from ldm_jax.codec.convert import import_dac
+from ldm_jax.codec.encodec_import import import_encodec
 from ldm_jax.codec.inference import LoadedCodec, load, load_trained
 from ldm_jax.codec.model import (
     PRESETS,
@@ -18,4 +20,5 @@ from ldm_jax.codec.model import (
 from ldm_jax.codec.quantize import CodecError
 
 __all__ = ["PRESETS", "Codec", "CodecConfig", "CodecError", "LoadedCodec", "import_dac",
-           "init_variables", "load", "load_trained", "make_codec", "make_model"]
+           "import_encodec", "init_variables", "load", "load_trained", "make_codec",
+           "make_model"]

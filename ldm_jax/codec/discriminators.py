@@ -10,9 +10,16 @@ Improved RVQGAN"), `dac/model/discriminator.py`:
   band has its own 2-D conv stack, and one conv over the re-joined bands gives the logits;
 - `WaveDiscriminator` is MelGAN's MSD (Kumar et al., 2019) with DAC's layers: grouped strided
   1-D convs over the waveform average-pooled by `rate` (DAC resamples it with a sinc filter; DAC's
-  default configuration leaves the MSD out).
+  default configuration leaves the MSD out);
+- `MSSTFTDiscriminator` is one scale of EnCodec's MS-STFT discriminator (Défossez et al., 2022,
+  `encodec/msstftd.py`; five scales of windows 2048 ... 128 in the paper): the whole-band
+  complex STFT (no centring, normalised by the window's energy, real and imaginary parts as
+  channels) judged by 2-D convs dilated 1, 2, 4 over frames and strided 2 over frequency, with
+  LeakyReLU(0.2); its first conv is not weight-normalised, as in EnCodec. Off by default
+  (`Discriminator.msstft_sizes`).
 
-`Discriminator` runs them all on DAC-preprocessed audio (DC removed, peak at 0.8) and returns one
+`Discriminator` runs them all on DAC-preprocessed audio (DC removed, peak at 0.8; EnCodec feeds
+its MS-STFT discriminator the raw audio) and returns one
 list of feature maps per sub-discriminator, logits last, as DAC does; `losses.py` consumes it.
 
 Every conv is weight-normalised as in DAC (`weight_g * weight_v / ||weight_v||`, the norm over all
@@ -30,6 +37,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ldm_jax.audio import dsp
 from ldm_jax.nn.conv import weight_norm
@@ -62,6 +70,7 @@ class NormConv(nn.Module):
       padding: (low, high) zero padding per spatial axis.
       groups: feature groups (input and output channels must divide by it).
       weight_norm: False gives a plain conv (no `weight_g` parameter).
+      dilation: kernel dilation per spatial axis (None: 1).
     """
     features: int
     kernel_size: Sequence[int]
@@ -69,6 +78,7 @@ class NormConv(nn.Module):
     padding: Sequence[tuple[int, int]]
     groups: int = 1
     weight_norm: bool = True
+    dilation: Sequence[int] | None = None
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -94,8 +104,8 @@ class NormConv(nn.Module):
             kernel = weight_norm(kernel.astype(jnp.float32), scale.astype(jnp.float32), axes)
         y = jax.lax.conv_general_dilated(
             x.astype(self.dtype), kernel.astype(self.dtype), tuple(self.strides),
-            [tuple(p) for p in self.padding], dimension_numbers=_DIMENSIONS[rank],
-            feature_group_count=self.groups)
+            [tuple(p) for p in self.padding], rhs_dilation=self.dilation and tuple(self.dilation),
+            dimension_numbers=_DIMENSIONS[rank], feature_group_count=self.groups)
         return y + bias.astype(self.dtype)
 
 
@@ -270,6 +280,71 @@ class WaveDiscriminator(nn.Module):
         return fmaps
 
 
+def normalized_stft(x: jax.Array, n_fft: int, hop_length: int) -> jax.Array:
+    """EnCodec's discriminator spectrogram (torchaudio's `Spectrogram(normalized=True,
+    center=False, power=None)` with a periodic Hann window of `n_fft`).
+
+    Args:
+      x: [batch, time] audio, time >= n_fft.
+
+    Returns:
+      Complex [batch, 1 + (time - n_fft) // hop_length, n_fft // 2 + 1], divided by the square
+      root of the window's energy.
+    """
+    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n_fft) / n_fft)
+    spec = dsp.stft(x, n_fft=n_fft, hop_length=hop_length, win_length=n_fft, window="hann",
+                    center=False)
+    return spec / np.float32(np.sqrt(np.sum(window ** 2)))
+
+
+class MSSTFTDiscriminator(nn.Module):
+    """One scale of EnCodec's multi-scale complex-STFT discriminator.
+
+    Attributes:
+      n_fft: STFT size and window length; the hop is `n_fft // 4` (EnCodec's scales).
+      channels: conv width (EnCodec's `filters`: 32).
+      max_channels: cap on conv widths (EnCodec: 1024).
+      dilations: time dilations of the strided convs (EnCodec: 1, 2, 4).
+    """
+    n_fft: int
+    channels: int = 32
+    max_channels: int = 1024
+    dilations: Sequence[int] = (1, 2, 4)
+    weight_norm: bool = True
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> list[jax.Array]:
+        """Judges mono audio.
+
+        Args:
+          x: [batch, time, 1] audio, time >= n_fft.
+
+        Returns:
+          Feature maps [batch, frames, bins_k, width] after each of its convs (LeakyReLU 0.2
+          applied), then the logits [batch, frames, bins_k, 1].
+        """
+        spec = normalized_stft(x[..., 0].astype(jnp.float32), self.n_fft, self.n_fft // 4)
+        h = jnp.stack([spec.real, spec.imag], axis=-1)
+        width = min(self.channels, self.max_channels)
+        conv = lambda f, k, s, p, name, d=None, wn=self.weight_norm: NormConv(
+            f, k, s, p, weight_norm=wn, dilation=d, dtype=self.dtype,
+            param_dtype=self.param_dtype, name=name)
+        # (frames, bins) kernels; EnCodec's first conv has no norm.
+        layers = [conv(width, (3, 9), (1, 1), ((1, 1), (4, 4)), "conv_0", wn=False)]
+        layers += [conv(width, (3, 9), (1, 2), ((d, d), (4, 4)), f"conv_{i + 1}", (d, 1))
+                   for i, d in enumerate(self.dilations)]
+        layers.append(conv(width, (3, 3), (1, 1), ((1, 1), (1, 1)),
+                           f"conv_{len(self.dilations) + 1}"))
+        fmaps = []
+        for layer in layers:
+            h = nn.leaky_relu(layer(h), 0.2)
+            fmaps.append(h)
+        fmaps.append(conv(1, (3, 3), (1, 1), ((1, 1), (1, 1)), "conv_post")(h))
+        return fmaps
+
+
 def preprocess(x: jax.Array) -> jax.Array:
     """DAC's discriminator input: DC offset removed, then peak-normalised to 0.8 per channel.
 
@@ -298,11 +373,14 @@ class Discriminator(nn.Module):
         only records the rate the windows were chosen for (DAC's MSD uses it to resample to
         sample_rate // rate; this MSD average-pools by `rate` instead, as MelGAN does).
       weight_norm: weight-normalised convs as in DAC.
+      msstft_sizes: EnCodec MS-STFT scales (window lengths, e.g. 2048, 1024, 512, 256, 128);
+        empty (the default) disables them.
     """
     periods: Sequence[int] = (2, 3, 5, 7, 11)
     fft_sizes: Sequence[int] = (2048, 1024, 512)
     bands: Sequence[tuple[float, float]] = BANDS
     rates: Sequence[int] = ()
+    msstft_sizes: Sequence[int] = ()
     channels: int = 32
     max_channels: int = 1024
     sample_rate: int = 44100
@@ -319,8 +397,8 @@ class Discriminator(nn.Module):
             feature maps' batch is batch * channels).
 
         Returns:
-          One list per sub-discriminator (periods, then rates, then FFT sizes), each holding its
-          feature maps and, last, its logits.
+          One list per sub-discriminator (periods, then rates, then FFT sizes, then MS-STFT
+          scales), each holding its feature maps and, last, its logits.
         """
         if x.ndim != 3:
             raise ValueError(f"discriminator input must be [batch, time, channels], got {x.shape}")
@@ -336,4 +414,6 @@ class Discriminator(nn.Module):
         discs += [STFTDiscriminator(n, bands=tuple(map(tuple, self.bands)),
                                     channels=self.channels, name=f"stft_{n}", **common)
                   for n in self.fft_sizes]
+        discs += [MSSTFTDiscriminator(n, self.channels, self.max_channels, name=f"msstft_{n}",
+                                      **common) for n in self.msstft_sizes]
         return [d(x) for d in discs]

@@ -22,13 +22,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ldm_jax.codec import quantize
+from ldm_jax.codec import quantize, seanet
 from ldm_jax.codec.istft_decoder import ISTFTDecoder
 from ldm_jax.codec.quantize import CodecError
 from ldm_jax.config import ConfigError, Section
 from ldm_jax.nn.activations import Snake
 from ldm_jax.nn.conv import WNConv1d, WNConvTranspose1d
 
+ARCHITECTURES = ("dac", "seanet")
 QUANTIZERS = ("dac_rvq", "ema_rvq", "fsq", "kl")
 DECODERS = ("conv", "istft")
 
@@ -52,6 +53,19 @@ class CodecConfig(Section):
     `istft_layers` blocks at width `decoder_dim` that predicts an STFT of `istft_n_fft` bins
     (0: four hops) with one frame per latent frame, inverted by the iSTFT
     (`istft_decoder.py`); `decoder_rates` are then unused.
+
+    `architecture="seanet"` builds EnCodec's SEANet encoder and decoder (`seanet.py`) instead of
+    DAC's: `encoder_dim` is EnCodec's `n_filters` (doubled per encoder stride), `decoder_dim` its
+    `n_filters * 2 ** len(ratios)` (halved per decoder stride), `latent_dim` its `dimension`,
+    `encoder_rates` its `ratios` reversed and `decoder_rates` its `ratios`; the `seanet_*` fields
+    are the rest of its constructor arguments. EnCodec's bottleneck is `quantizer="ema_rvq"`
+    with `codebook_dim = latent_dim`. `normalize` divides each clip by its volume (the RMS of
+    its channel mean, plus 1e-8) before encoding and multiplies the decoded audio back (EnCodec
+    48 kHz); `segment_seconds` > 0 and `segment_overlap` say that the model works on segments
+    of that length overlapping by that fraction (EnCodec's `segment`, `overlap`): the module
+    codes what it is given as one piece, `inference.LoadedCodec.encode_segments` and the CLI
+    cut clips as EnCodec does. `target_bandwidths` (kbps) are the bitrates the model was
+    trained for (`n_codebooks_for_bandwidth`).
     """
 
     LABEL: ClassVar[str] = "codec config"
@@ -79,13 +93,44 @@ class CodecConfig(Section):
     istft_phase: str = "absolute"
     causal: bool = False
     transpose_output_padding: bool = False
+    architecture: str = "dac"
+    seanet_residual_layers: int = 1
+    seanet_lstm_layers: int = 2
+    seanet_kernel_size: int = 7
+    seanet_last_kernel_size: int = 7
+    seanet_residual_kernel_size: int = 3
+    seanet_dilation_base: int = 2
+    seanet_compress: int = 2
+    seanet_true_skip: bool = False
+    seanet_norm: str = "weight_norm"
+    seanet_pad_mode: str = "reflect"
+    seanet_trim_right_ratio: float = 1.0
+    normalize: bool = False
+    segment_seconds: float = 0.0
+    segment_overlap: float = 0.01
+    target_bandwidths: tuple[float, ...] = ()
     dtype: str = "float32"
     param_dtype: str = "float32"
 
     def __post_init__(self):
         for name in ("encoder_rates", "decoder_rates", "fsq_levels"):
             object.__setattr__(self, name, tuple(int(r) for r in getattr(self, name)))
-        object.__setattr__(self, "quantizer_dropout", float(self.quantizer_dropout))
+        object.__setattr__(self, "target_bandwidths",
+                           tuple(float(b) for b in self.target_bandwidths))
+        for name in ("quantizer_dropout", "seanet_trim_right_ratio", "segment_seconds",
+                     "segment_overlap"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+        if self.architecture not in ARCHITECTURES:
+            raise ConfigError(f"model.architecture={self.architecture!r} is unknown; use one of "
+                              f"{', '.join(ARCHITECTURES)}")
+        if self.architecture == "seanet":
+            self._check_seanet()
+        if self.segment_seconds < 0 or not 0.0 <= self.segment_overlap < 1.0:
+            raise ConfigError("model.segment_seconds must be at least 0 (0: whole clips) and "
+                              "model.segment_overlap in [0, 1)")
+        if any(not b > 0 for b in self.target_bandwidths):
+            raise ConfigError(f"model.target_bandwidths={list(self.target_bandwidths)} must be "
+                              "positive kbps")
         if self.quantizer not in QUANTIZERS:
             raise ConfigError(f"model.quantizer={self.quantizer!r} is unknown; use one of "
                               f"{', '.join(QUANTIZERS)}")
@@ -136,6 +181,30 @@ class CodecConfig(Section):
             except TypeError as e:
                 raise ConfigError(f"model.{name}={getattr(self, name)!r} is not a dtype") from e
 
+    def _check_seanet(self):
+        if self.seanet_norm not in seanet.NORMS:
+            raise ConfigError(f"model.seanet_norm={self.seanet_norm!r} is unknown; use one of "
+                              f"{', '.join(seanet.NORMS)}")
+        if self.seanet_pad_mode not in seanet.PAD_MODES:
+            raise ConfigError(f"model.seanet_pad_mode={self.seanet_pad_mode!r} is unknown; use "
+                              f"one of {', '.join(seanet.PAD_MODES)}")
+        if self.causal and self.seanet_norm == "time_group_norm":
+            raise ConfigError("model.seanet_norm='time_group_norm' normalises over the whole "
+                              "clip and cannot be causal: use weight_norm or causal=False")
+        if not 0.0 <= self.seanet_trim_right_ratio <= 1.0 or (
+                self.seanet_trim_right_ratio != 1.0 and not self.causal):
+            raise ConfigError(f"model.seanet_trim_right_ratio={self.seanet_trim_right_ratio} "
+                              "must be in [0, 1], and 1 unless the codec is causal")
+        if min(self.seanet_kernel_size, self.seanet_last_kernel_size,
+               self.seanet_residual_kernel_size, self.seanet_dilation_base,
+               self.seanet_compress) < 1 or min(self.seanet_residual_layers,
+                                                 self.seanet_lstm_layers) < 0:
+            raise ConfigError("model.seanet_* kernel sizes, dilation_base and compress must be "
+                              "positive, residual_layers and lstm_layers at least 0")
+        if self.encoder_dim < self.seanet_compress:
+            raise ConfigError(f"model.encoder_dim={self.encoder_dim} must be at least "
+                              f"model.seanet_compress={self.seanet_compress}")
+
     @property
     def resolved_latent_dim(self) -> int:
         if self.latent_dim is not None:
@@ -153,6 +222,32 @@ class CodecConfig(Section):
     @property
     def resolved_istft_n_fft(self) -> int:
         return int(self.istft_n_fft) or 4 * self.hop_length
+
+    def n_codebooks_for_bandwidth(self, bandwidth: float) -> int:
+        """Codebooks sent at `bandwidth` kbps, as EnCodec counts them (`quantize.
+        codebooks_for_bandwidth`); a codec with `target_bandwidths` takes only those."""
+        if self.target_bandwidths and bandwidth not in self.target_bandwidths:
+            raise CodecError(f"this codec was trained for the bandwidths "
+                             f"{', '.join(f'{b:g}' for b in self.target_bandwidths)} kbps, "
+                             f"not {bandwidth:g}")
+        n = quantize.codebooks_for_bandwidth(bandwidth, self.codebook_size, self.frame_rate)
+        return min(n, self.n_codebooks)
+
+
+def normalize_volume(x: jax.Array, eps: float = 1e-8) -> tuple[jax.Array, jax.Array]:
+    """EnCodec's audio normalisation: each clip divided by its volume.
+
+    Args:
+      x: `[B, T, C]` audio.
+      eps: added to the volume, so silence divides by `eps`.
+
+    Returns:
+      `(x / scale, scale [B])` with `scale = sqrt(mean_t(mean_c(x)^2)) + eps`, the RMS of the
+      channel mean.
+    """
+    mono = jnp.mean(x.astype(jnp.float32), axis=2)
+    scale = jnp.sqrt(jnp.mean(jnp.square(mono), axis=1)) + eps
+    return (x / scale[:, None, None]).astype(x.dtype), scale
 
 
 def _dac(sample_rate, rates, n_codebooks, latent_dim=None):
@@ -299,7 +394,12 @@ class Codec(nn.Module):
         c = self.config
         kw = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
         latent = c.resolved_latent_dim
-        self.encoder = Encoder(c.encoder_dim, c.encoder_rates, latent, causal=c.causal, **kw)
+        if c.architecture == "seanet":
+            self.encoder = seanet.SEANetEncoder(c.encoder_dim, c.encoder_rates, latent,
+                                                **self._seanet_kwargs(), **kw)
+        else:
+            self.encoder = Encoder(c.encoder_dim, c.encoder_rates, latent, causal=c.causal,
+                                   **kw)
         if c.quantizer == "dac_rvq":
             self.quantizer = quantize.ResidualVQ(latent, c.n_codebooks, c.codebook_size,
                                                  c.codebook_dim, c.quantizer_dropout, **kw)
@@ -315,9 +415,22 @@ class Codec(nn.Module):
             self.decoder = ISTFTDecoder(c.decoder_dim, c.hop_length, c.resolved_istft_n_fft,
                                         c.istft_layers, c.istft_mlp_ratio, c.channels,
                                         phase=c.istft_phase, **kw)
+        elif c.architecture == "seanet":
+            self.decoder = seanet.SEANetDecoder(
+                c.decoder_dim, c.decoder_rates, c.channels,
+                trim_right_ratio=c.seanet_trim_right_ratio, **self._seanet_kwargs(), **kw)
         else:
             self.decoder = Decoder(c.decoder_dim, c.decoder_rates, c.channels, causal=c.causal,
                                    output_padding=c.transpose_output_padding, **kw)
+
+    def _seanet_kwargs(self) -> dict:
+        c = self.config
+        return dict(residual_layers=c.seanet_residual_layers, lstm_layers=c.seanet_lstm_layers,
+                    kernel_size=c.seanet_kernel_size, last_kernel_size=c.seanet_last_kernel_size,
+                    residual_kernel_size=c.seanet_residual_kernel_size,
+                    dilation_base=c.seanet_dilation_base, compress=c.seanet_compress,
+                    true_skip=c.seanet_true_skip, causal=c.causal, norm=c.seanet_norm,
+                    pad_mode=c.seanet_pad_mode)
 
     @property
     def hop_length(self) -> int:
@@ -345,27 +458,36 @@ class Codec(nn.Module):
         """Audio -> bottleneck output.
 
         Args:
-          x: `[B, T, channels]`; right-padded with zeros to a multiple of `hop_length`.
+          x: `[B, T, channels]`; right-padded with zeros to a multiple of `hop_length` (the
+            SEANet encoder pads itself, as EnCodec, by reflection).
           n_quantizers: codebooks to use (static; all by default).
           train: quantizer dropout / EMA updates / KL sampling.
 
         Returns:
           `(z [B, ceil(T / hop), latent_dim], aux)`: `z` is the decoder input; `aux` holds `z_e`
           (encoder output), `latents`, `losses`, and for quantisers `codes` int32 `[B, T', K]`,
-          `n_active` `[B]` and `stats`; for the KL bottleneck `mean` and `std`.
+          `n_active` `[B]` and `stats`; for the KL bottleneck `mean` and `std`; with
+          `normalize`, the `scale` `[B]` each clip was divided by (`decode` takes it back).
         """
         self._check_audio(x)
         pad = -x.shape[1] % self.hop_length
-        if pad:
+        if pad and self.config.architecture != "seanet":
             x = jnp.pad(x, ((0, 0), (0, pad), (0, 0)))
+        extra = {}
+        if self.config.normalize:
+            x, extra["scale"] = normalize_volume(x)
         z_e = self.encoder(x)
         z, aux = self.quantizer(z_e, n_quantizers=n_quantizers, train=train)
-        return z, {"z_e": z_e, **aux}
+        return z, {"z_e": z_e, **aux, **extra}
 
-    def decode(self, z: jax.Array) -> jax.Array:
+    def decode(self, z: jax.Array, scale: jax.Array | None = None) -> jax.Array:
         """Decoder input `[B, T', latent_dim]` -> audio `[B, samples, channels]` (float32; in
-        [-1, 1] from the conv decoder, unbounded from the iSTFT one)."""
-        return self.decoder(z)
+        [-1, 1] from the DAC conv decoder, unbounded from the SEANet and iSTFT ones), multiplied
+        by `scale` `[B]` where given (the `scale` of a `normalize` codec's `encode`)."""
+        audio = self.decoder(z)
+        if scale is not None:
+            audio = audio * jnp.asarray(scale, jnp.float32)[:, None, None]
+        return audio
 
     def from_codes(self, codes: jax.Array) -> jax.Array:
         """Codes int `[B, T', k]` (the first k codebooks) -> decoder input `[B, T', latent_dim]`."""
@@ -374,9 +496,10 @@ class Codec(nn.Module):
                              "bottleneck: decode its latents with decode()")
         return self.quantizer.from_codes(codes)[0]
 
-    def decode_codes(self, codes: jax.Array) -> jax.Array:
-        """Codes int `[B, T', k]` -> audio `[B, samples, channels]`."""
-        return self.decode(self.from_codes(codes))
+    def decode_codes(self, codes: jax.Array, scale: jax.Array | None = None) -> jax.Array:
+        """Codes int `[B, T', k]` (and a `normalize` codec's `scale` `[B]`) -> audio
+        `[B, samples, channels]`."""
+        return self.decode(self.from_codes(codes), scale)
 
     def __call__(self, x: jax.Array, *, n_quantizers: int | None = None, train: bool = False):
         """Encodes and decodes.
@@ -387,7 +510,7 @@ class Codec(nn.Module):
           `z`.
         """
         z, aux = self.encode(x, n_quantizers=n_quantizers, train=train)
-        audio = self.decode(z)[:, :x.shape[1]]
+        audio = self.decode(z, aux.get("scale"))[:, :x.shape[1]]
         return audio, {"z": z, **aux}
 
 

@@ -90,6 +90,13 @@ def straight_through(x: jax.Array, q: jax.Array) -> jax.Array:
     return x + jax.lax.stop_gradient(q - x)
 
 
+def straight_through_exact(x: jax.Array, q: jax.Array) -> jax.Array:
+    """`straight_through` whose forward value is exactly `q` (`x + (q - x)` may round off by an
+    ulp): residual stages then subtract the very codebook vectors, as EnCodec does at inference,
+    so imported codes match bit for bit."""
+    return q + (x - jax.lax.stop_gradient(x))
+
+
 def vq_losses(latents: jax.Array, quantized: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Per-example commitment and codebook losses (VQ-VAE, van den Oord et al., 2017).
 
@@ -217,6 +224,16 @@ def kl_divergence(mean: jax.Array, std: jax.Array) -> jax.Array:
 def bitrate(n_codebooks: int, codebook_size: int, frame_rate: float) -> float:
     """Bits per second of `n_codebooks` codes of `log2(codebook_size)` bits at `frame_rate` Hz."""
     return n_codebooks * math.log2(codebook_size) * frame_rate
+
+
+def codebooks_for_bandwidth(bandwidth: float, codebook_size: int, frame_rate: float) -> int:
+    """How many codebooks fit in `bandwidth` kbps, as EnCodec counts (at least one).
+
+    EnCodec rounds the frame rate up to an integer and gives each codebook
+    `log2(codebook_size) * frame_rate` bits per second: `max(1, floor(1000 * bandwidth / that))`.
+    """
+    per_codebook = math.log2(codebook_size) * math.ceil(frame_rate)
+    return int(max(1, math.floor(bandwidth * 1000 / per_codebook)))
 
 
 def codebook_usage(codes: jax.Array, codebook_size: int) -> dict[str, jax.Array]:
@@ -431,7 +448,7 @@ class EMAVectorQuantizer(nn.Module):
         codes = nearest_codes(latents, self.embed.value)
         quantized = self.embed_codes(codes)
         commitment, _ = vq_losses(latents, quantized)
-        z_q = self.output(straight_through(latents, quantized))
+        z_q = self.output(straight_through_exact(latents, quantized))
         if train and not self.is_initializing():
             self._update(jax.lax.stop_gradient(latents), codes, weights)
         return z_q, codes, latents, commitment

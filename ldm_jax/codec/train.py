@@ -27,7 +27,8 @@ from ldm_jax.codec.quantize import STATS
 def make_discriminator(cfg) -> Discriminator:
     d = cfg.discriminator
     return Discriminator(periods=tuple(d.periods), fft_sizes=tuple(d.fft_sizes),
-                         rates=tuple(d.rates), channels=d.channels, max_channels=d.max_channels,
+                         rates=tuple(d.rates), msstft_sizes=tuple(d.get("msstft_sizes", ())),
+                         channels=d.channels, max_channels=d.max_channels,
                          sample_rate=cfg.model.sample_rate, dtype=jnp.dtype(cfg.model.dtype))
 
 
