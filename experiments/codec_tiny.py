@@ -28,7 +28,7 @@ def get_config(arg=None):
     c.loss_weights = ml_collections.ConfigDict({
         "mel/loss": 15.0, "adv/feat_loss": 2.0, "adv/gen_loss": 1.0,
         "vq/commitment_loss": 0.25, "vq/codebook_loss": 1.0, "kl/loss": 1e-4,
-        "waveform/l1": 1.0, "waveform/si_sdr_loss": 2.0})
+        "waveform/l1": 1.0, "waveform/si_sdr_loss": 2.0, "waveform/level_loss": 0.0})
     c.mesh = common.mesh()
     c.checkpoint = common.checkpoint(every_steps=250)
     c.log = common.log(every_steps=25, audio_every_steps=250)

@@ -5,11 +5,12 @@ crescendo, decrescendo, swell or accents, with the first beat of each bar accent
 ground truth of their beats, downbeats, notes and level curve. The codec, CLAP and the U-Net are
 the `tiny` chain's; the U-Net trains on whole clips (400 latent frames), 8 a step for 1600 steps
 (5.1M frames seen; `tiny`: 6.1M), so that the chain stays under 20 minutes on a 2-core CPU
-(2000 steps gave the same generation scores: FD 1.19 against 1.18). `controls_eval` scores the controls extracted from the real test
-clips and from their codec reconstructions against the ground truth (`codec/controls.json`):
-the ceiling of every controlled generator on this data. The attribute judge (`judge`) is trained
-on the labels and scored on real and codec-reconstructed test clips (`judge/eval.json`); the
-generation evaluation then reports instrument adherence judged by it.
+(2000 steps gave the same generation scores: FD 1.19 against 1.18). `controls_eval` scores the
+controls extracted from the real test clips and from their codec reconstructions against the
+ground truth (`codec/controls.json`): the ceiling of every controlled generator on this data.
+The attribute judge (`judge`) is trained on the labels and scored on real and
+codec-reconstructed test clips (`judge/eval.json`); the generation evaluation then reports
+instrument adherence judged by it.
 """
 
 import dataclasses

@@ -97,10 +97,21 @@ def _section_types() -> dict:
             ("ldm.eval",): EvalConfig}
 
 
+def _without_unused_losses(node):
+    """NODE with the zero entries of every `loss_weights` dict dropped: a loss of weight 0 is
+    not computed, so a loss added to an experiment switched off leaves its stages as they were."""
+    if not isinstance(node, dict):
+        return node
+    return {k: ({n: w for n, w in v.items() if w != 0} if k == "loss_weights"
+                and isinstance(v, dict) else _without_unused_losses(v))
+            for k, v in node.items()}
+
+
 def _with_defaults(recorded: dict) -> dict:
-    """A stage's recorded config with every dataclass section completed by its defaults, so
-    that a field added to a model's config with a default does not make old stages stale."""
-    out = json.loads(json.dumps(recorded))
+    """A stage's recorded config with every dataclass section completed by its defaults (and
+    losses of weight 0 left out), so that a field added to a model's config with a default, or a
+    loss added switched off, does not make old stages stale."""
+    out = _without_unused_losses(json.loads(json.dumps(recorded)))
     for path, cls in _section_types().items():
         parent = out
         for part in path[:-1]:

@@ -1,5 +1,7 @@
 """Experiment configs: loading, FILE:arg variants and override errors."""
 
+import json
+
 import pytest
 
 from ldm_jax import config as config_lib
@@ -133,6 +135,14 @@ def test_a_field_added_with_its_default_does_not_make_a_stage_stale():
     del recorded["codec"]["model"]["ema_epsilon"]  # written before the field existed
     assert chain._with_defaults(recorded) == chain._with_defaults(current)
     recorded["codec"]["model"]["ema_epsilon"] = 1e-3  # a real change still counts
+    assert chain._with_defaults(recorded) != chain._with_defaults(current)
+    # A loss added switched off (weight 0) changes nothing the stage computes; switched on, it
+    # does.
+    recorded = json.loads(json.dumps(current))
+    recorded["codec"]["loss_weights"].pop("waveform/level_loss")
+    assert current["codec"]["loss_weights"]["waveform/level_loss"] == 0.0
+    assert chain._with_defaults(recorded) == chain._with_defaults(current)
+    recorded["codec"]["loss_weights"]["waveform/level_loss"] = 15.0
     assert chain._with_defaults(recorded) != chain._with_defaults(current)
 
 

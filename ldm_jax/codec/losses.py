@@ -185,6 +185,40 @@ def waveform_l1(estimate: jax.Array, reference: jax.Array) -> jax.Array:
     return jnp.mean(jnp.abs(estimate.astype(jnp.float32) - reference.astype(jnp.float32)))
 
 
+def level_loss(estimate: jax.Array, reference: jax.Array, *, frame: int = 1024,
+               floor: float = 1e-8) -> jax.Array:
+    """Mean absolute difference of frame energies, in log10 units (bels).
+
+    The frames' mean squares, `log10(mean(y²) + floor)` against the reference's, over
+    non-overlapping frames of `frame` samples (channels pooled). A log-spectral L1 such as
+    `mel_loss` is minimised by the median over what the decoder cannot tell apart (which of
+    several partials sounds, where a note's energy lies), and that median carries less energy
+    than the reference; the energy of a whole frame has no such ambiguity, so this term holds
+    the level without matching any gain at decode time.
+
+    Args:
+      estimate, reference: audio `[batch, time, channels]` or `[batch, time]`; the time is cut
+        to whole frames (at least one).
+      frame: samples per frame.
+      floor: added to the mean squares (silence measures -8 bels).
+
+    Returns:
+      Scalar float32 loss.
+    """
+    _check_pair(estimate, reference)
+    if estimate.shape[1] < frame:
+        raise ValueError(f"audio of {estimate.shape[1]} samples is shorter than one level frame "
+                         f"of {frame}; use longer clips or a shorter frame")
+    both = _stacked(estimate, reference)  # [B, 2, (C,) T]
+    n = both.shape[-1] // frame
+    power = jnp.mean(jnp.square(both[..., :n * frame].reshape(both.shape[:-1] + (n, frame))),
+                     axis=-1)
+    if power.ndim == 4:  # channels pooled
+        power = jnp.mean(power, axis=2)
+    y, x = _unstacked(jnp.log10(power + floor))
+    return jnp.mean(jnp.abs(y - x))
+
+
 def si_sdr(estimate: jax.Array, reference: jax.Array, *, scaling: bool = True,
            zero_mean: bool = True, eps: float = 1e-8) -> jax.Array:
     """Scale-invariant signal-to-distortion ratio in dB (Le Roux et al., 2019), per example.

@@ -119,6 +119,8 @@ def train_step(state, batch, rng, *, cfg):
         named = dict(bottleneck)
         named["mel/loss"] = losses.mel_loss(y, x, cfg.model.sample_rate)
         named["waveform/l1"] = losses.waveform_l1(y, x)
+        if weights.get("waveform/level_loss"):
+            named["waveform/level_loss"] = losses.level_loss(y, x)
         if weights.get("waveform/si_sdr_loss"):
             # Negative SI-SDR: a phase-aware term that short CPU runs need to learn waveforms.
             named["waveform/si_sdr_loss"] = losses.si_sdr_loss(y, x, clip_min=-30.0)

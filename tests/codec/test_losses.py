@@ -149,6 +149,24 @@ def _si_sdr_np(est, ref, scaling=True, zero_mean=True, eps=1e-8):
     return 10 * np.log10(signal / noise + eps)
 
 
+def test_level_loss_measures_frame_energy_in_bels():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(0.1 * rng.standard_normal((2, 4096, 1)), jnp.float32)
+    assert float(losses.level_loss(x, x)) == 0.0
+    # Half the amplitude: a quarter of the power, log10(4) bels in every frame.
+    np.testing.assert_allclose(losses.level_loss(0.5 * x, x), np.log10(4.0), rtol=1e-4)
+    # The level, not the waveform: a sign flip or a time-reversed frame costs nothing.
+    assert float(losses.level_loss(-x, x)) < 1e-6
+    flipped = x.reshape(2, 4, 1024, 1)[:, :, ::-1].reshape(2, 4096, 1)
+    assert float(losses.level_loss(flipped, x)) < 1e-5
+    # Channels are pooled; a stray tail shorter than a frame is left out.
+    stereo = jnp.concatenate([x, x], axis=-1)
+    np.testing.assert_allclose(losses.level_loss(0.5 * stereo[:, :4100], stereo[:, :4100]),
+                               np.log10(4.0), rtol=1e-4)
+    with pytest.raises(ValueError):
+        losses.level_loss(x[:, :512], x[:, :512])
+
+
 def test_si_sdr_matches_audiotools_definition():
     rng = np.random.default_rng(0)
     ref = rng.standard_normal((3, 200, 2)).astype(np.float32) + 0.3
