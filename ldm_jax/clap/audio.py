@@ -66,6 +66,7 @@ class AudioEncoder(nn.Module):
         downsampling from mel frames to transformer positions).
       width: transformer width D.
       num_layers, num_heads, mlp_ratio, dropout_rate, remat: transformer shape.
+      attention_impl: "xla" or "cudnn" (`ldm_jax.nn.attention`).
       embed_dim: joint embedding width E.
     """
 
@@ -87,6 +88,7 @@ class AudioEncoder(nn.Module):
     dropout_rate: float
     remat: bool
     dtype: jnp.dtype
+    attention_impl: str = "xla"
     param_dtype: jnp.dtype = jnp.float32
 
     def features(self, wave: jax.Array, wave_mask: jax.Array | None = None
@@ -156,7 +158,8 @@ class AudioEncoder(nn.Module):
         x = LearnedPositionEmbedding(limit, self.width, name="positions", **kw)(x)
         x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
         x = Transformer(self.num_layers, self.num_heads, self.mlp_ratio, self.dropout_rate,
-                        remat=self.remat, name="transformer", **kw)(x, mask, train=train)
+                        remat=self.remat, attention_impl=self.attention_impl,
+                        name="transformer", **kw)(x, mask, train=train)
         x = jnp.where(mask[..., None], x, 0)
         pooled = jnp.sum(x.astype(jnp.float32), axis=1) / n[:, None].astype(jnp.float32)
         projected = dense(self.embed_dim, ("embed", "joint"), use_bias=False, name="projection",

@@ -30,6 +30,7 @@ from ldm_jax import checkpoint, parallel, paths
 from ldm_jax.clap.audio import AudioEncoder
 from ldm_jax.clap.text import ClapError, TextEncoder, Tokenizer
 from ldm_jax.config import Section
+from ldm_jax.nn.attention import ATTENTION_IMPLS, check_attention_impl
 from ldm_jax.nn.layers import named
 
 CONFIG_FILE = "config.json"
@@ -108,6 +109,7 @@ class ClapConfig(Section):
     embed_dim: int = 128
     dtype: str = "float32"  # compute dtype; parameters are float32
     remat: bool = False
+    attention_impl: str = "xla"  # or "cudnn" (NVIDIA GPUs, bfloat16/float16): nn.attention
     logit_scale_init: float = math.log(1 / 0.07)
     logit_scale_max: float = math.log(100.0)
     text: TextConfig = TextConfig()
@@ -119,6 +121,9 @@ class ClapConfig(Section):
                             f"{', '.join(DTYPES)}")
         if self.embed_dim < 1:
             raise ClapError(f"model.embed_dim={self.embed_dim} must be positive")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ClapError(f"model.attention_impl={self.attention_impl!r} is unknown; use one "
+                            f"of {', '.join(ATTENTION_IMPLS)}")
 
 
 # The towers of the embedded experiments: `clap_tiny` (the defaults) and `clap_base`, the size of
@@ -237,18 +242,20 @@ def make_model(cfg) -> Clap:
     """
     m = config_of(cfg)
     dtype = DTYPES[m.dtype]
+    check_attention_impl(m.attention_impl, dtype)
     t, a = m.text, m.audio
     text = TextEncoder(
         vocab_size=t.vocab_size, max_length=t.max_length, width=t.width,
         num_layers=t.num_layers, num_heads=t.num_heads, mlp_ratio=t.mlp_ratio,
         embed_dim=m.embed_dim, pooling=t.pooling, dropout_rate=t.dropout_rate, remat=m.remat,
-        dtype=dtype)
+        dtype=dtype, attention_impl=m.attention_impl)
     audio = AudioEncoder(
         sample_rate=a.sample_rate, max_seconds=a.max_seconds, n_fft=a.n_fft,
         hop_length=a.hop_length, n_mels=a.n_mels, fmin=a.fmin, fmax=a.fmax,
         mel_offset=a.mel_offset, mel_scale=a.mel_scale, stem_strides=a.stem_strides,
         width=a.width, num_layers=a.num_layers, num_heads=a.num_heads, mlp_ratio=a.mlp_ratio,
-        embed_dim=m.embed_dim, dropout_rate=a.dropout_rate, remat=m.remat, dtype=dtype)
+        embed_dim=m.embed_dim, dropout_rate=a.dropout_rate, remat=m.remat, dtype=dtype,
+        attention_impl=m.attention_impl)
     return Clap(text=text, audio=audio, logit_scale_init=m.logit_scale_init,
                 logit_scale_max=m.logit_scale_max)
 

@@ -156,6 +156,7 @@ class TextEncoder(nn.Module):
       max_length: longest token sequence (the tokenizer's `max_length`).
       width: model width D.
       num_layers, num_heads, mlp_ratio, dropout_rate, remat: transformer shape.
+      attention_impl: "xla" or "cudnn" (`ldm_jax.nn.attention`).
       embed_dim: joint embedding width E.
       pooling: "eos" or "mean".
     """
@@ -171,6 +172,7 @@ class TextEncoder(nn.Module):
     dropout_rate: float
     remat: bool
     dtype: jnp.dtype
+    attention_impl: str = "xla"
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -195,7 +197,8 @@ class TextEncoder(nn.Module):
         x = LearnedPositionEmbedding(self.max_length, self.width, name="positions", **kw)(x)
         x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
         x = Transformer(self.num_layers, self.num_heads, self.mlp_ratio, self.dropout_rate,
-                        remat=self.remat, name="transformer", **kw)(x, mask, train=train)
+                        remat=self.remat, attention_impl=self.attention_impl,
+                        name="transformer", **kw)(x, mask, train=train)
         x = jnp.where(mask[..., None], x, 0)
         pooled = pool_tokens(x, mask, self.pooling)
         projected = dense(self.embed_dim, ("embed", "joint"), use_bias=False, name="projection",

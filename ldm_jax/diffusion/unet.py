@@ -63,7 +63,12 @@ from jax.sharding import PartitionSpec as P
 from ldm_jax.axes import BATCH_AXES
 from ldm_jax.config import Section
 from ldm_jax.diffusion.schedules import DiffusionError
-from ldm_jax.nn.attention import MultiHeadAttention, TransformerBlock
+from ldm_jax.nn.attention import (
+    ATTENTION_IMPLS,
+    MultiHeadAttention,
+    TransformerBlock,
+    check_attention_impl,
+)
 from ldm_jax.nn.embeddings import TimestepEmbedding
 from ldm_jax.nn.layers import conv, dense, group_norm, named
 
@@ -99,6 +104,7 @@ class UNetConfig(Section):
     dropout: float = 0.0
     remat: bool = False
     remat_policy: str = "nothing_saveable"  # one of REMAT_POLICIES
+    attention_impl: str = "xla"  # or "cudnn" (NVIDIA GPUs, bfloat16/float16): nn.attention
     dtype: str = "float32"  # compute dtype; parameters are always float32
 
     def __post_init__(self):
@@ -132,6 +138,9 @@ class UNetConfig(Section):
         if self.remat_policy not in REMAT_POLICIES:
             raise DiffusionError(f"model.remat_policy {self.remat_policy!r} is not one of "
                                  f"{', '.join(REMAT_POLICIES)}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise DiffusionError(f"model.attention_impl {self.attention_impl!r} is not one of "
+                                 f"{', '.join(ATTENTION_IMPLS)}")
 
 
 def _pin_batch(h: jax.Array) -> jax.Array:
@@ -216,6 +225,7 @@ class AttentionStage(nn.Module):
     groups: int = 32
     dropout: float = 0.0
     deterministic: bool = True
+    attention_impl: str = "xla"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -229,7 +239,8 @@ class AttentionStage(nn.Module):
         h = dense(width, ("conv_in", "embed"), name="proj_in", **kw)(h)
         for i in range(self.depth):
             h = TransformerBlock(self.num_heads, self.mlp_ratio, self.dropout, self.cross,
-                                 name=f"block_{i}", **kw)(h, mask, context, context_mask,
+                                 attention_impl=self.attention_impl, name=f"block_{i}",
+                                 **kw)(h, mask, context, context_mask,
                                                          not self.deterministic)
         h = dense(width, ("embed", "conv_out"), kernel_init=nn.initializers.zeros,
                   name="proj_out", **kw)(h)
@@ -260,6 +271,7 @@ class UNet(nn.Module):
     remat: bool
     remat_policy: str
     dtype: Dtype
+    attention_impl: str = "xla"
     param_dtype: Dtype = jnp.float32
 
     @property
@@ -351,7 +363,7 @@ class UNet(nn.Module):
         def stage(h, level, name):
             mod = stage_cls(self._heads(h.shape[-1]), self.transformer_depth, self.mlp_ratio,
                             self.context_dim > 0, self.norm_groups, self.dropout, not train,
-                            name=name, **kw)
+                            self.attention_impl, name=name, **kw)
             return _pin_batch(mod(h, masks[level], keys, keys_mask))
 
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (batch,))
@@ -370,6 +382,7 @@ class UNet(nn.Module):
                                (1, 1, self.context_dim), self.param_dtype)
             emb = emb + MultiHeadAttention(self.num_heads, out_features=emb.shape[-1],
                                            query_axis="context", out_axis="cond_embed",
+                                           implementation=self.attention_impl,
                                            name="context_pool", **kw)(
                 jnp.broadcast_to(query, (batch, 1, self.context_dim)).astype(self.dtype), keys,
                 key_mask=keys_mask)[:, 0]
@@ -441,11 +454,13 @@ def make_unet(config: UNetConfig | Mapping[str, Any]) -> UNet:
 
     Raises:
       DiffusionError: for an unknown key or a value that does not fit (the message says which).
+      ConfigError: `attention_impl` that this platform or dtype cannot run.
     """
     fields = UNetConfig.from_dict(config).to_dict()
     fields["channel_mult"] = tuple(fields["channel_mult"])
     fields["attention_levels"] = tuple(fields["attention_levels"])
     fields["dtype"] = DTYPES[fields["dtype"]]
+    check_attention_impl(fields["attention_impl"], fields["dtype"])
     return UNet(**fields)
 
 

@@ -1,8 +1,9 @@
 """Multi-head attention and the pre-LayerNorm transformer block.
 
 Scaled dot-product attention of "Attention Is All You Need" (Vaswani et al. 2017) computed by
-`jax.nn.dot_product_attention` (its default implementation, which in JAX 0.10 is XLA's fused
-attention on every backend; its cuDNN path must be asked for explicitly), with the pre-LN
+`jax.nn.dot_product_attention`: `implementation="xla"` (the default; XLA's attention on every
+backend) or `"cudnn"` (cuDNN's fused flash attention, NVIDIA GPUs only, bfloat16 or float16;
+`check_attention_impl` refuses it elsewhere in one line), with the pre-LN
 residual arrangement of GPT-2 / ViT (Xiong et al. 2020, "On Layer Normalization in the Transformer
 Architecture"). Blocks serve the CLAP towers (self-attention with a key padding mask) and the
 diffusion U-Net (self-attention plus cross-attention to padded text states).
@@ -18,7 +19,35 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ldm_jax.config import ConfigError
 from ldm_jax.nn.layers import dense, layer_norm
+
+ATTENTION_IMPLS = ("xla", "cudnn")
+
+
+def check_attention_impl(impl: str, dtype, *, platform: str | None = None) -> None:
+    """Refuses an attention implementation this platform or compute dtype cannot run.
+
+    Args:
+      impl: one of ATTENTION_IMPLS (a model's `attention_impl`).
+      dtype: the model's compute dtype.
+      platform: the JAX backend ("cpu", "gpu", "tpu"); default: `jax.default_backend()`.
+
+    Raises:
+      ConfigError: an unknown name, cuDNN off an NVIDIA GPU, or cuDNN in float32.
+    """
+    if impl not in ATTENTION_IMPLS:
+        raise ConfigError(f"model.attention_impl={impl!r} is unknown; use one of "
+                          f"{', '.join(ATTENTION_IMPLS)}")
+    if impl == "cudnn":
+        platform = platform or jax.default_backend()
+        if platform != "gpu":
+            raise ConfigError(f"model.attention_impl='cudnn' needs an NVIDIA GPU; this JAX runs "
+                              f"on {platform}: use 'xla'")
+        if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+            raise ConfigError(f"model.attention_impl='cudnn' computes in bfloat16 or float16, "
+                              f"not {jnp.dtype(dtype).name}: set model.dtype=bfloat16 or use "
+                              "'xla'")
 
 
 def combine_masks(key_mask: jax.Array | None, mask: jax.Array | None) -> jax.Array | None:
@@ -50,6 +79,7 @@ class MultiHeadAttention(nn.Module):
       query_axis: logical name of the queries' features (`ldm_jax.axes.LOGICAL`).
       context_axis: that of the keys' and values' inputs; default: `query_axis`.
       out_axis: that of the output; default: `query_axis`.
+      implementation: "xla" or "cudnn" (`jax.nn.dot_product_attention`'s).
     """
 
     num_heads: int
@@ -59,6 +89,7 @@ class MultiHeadAttention(nn.Module):
     query_axis: str = "embed"
     context_axis: str | None = None
     out_axis: str | None = None
+    implementation: str = "xla"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -94,7 +125,7 @@ class MultiHeadAttention(nn.Module):
         k = split(proj(inner, (source, "heads"), "key")(context.astype(self.dtype)))
         v = split(proj(inner, (source, "heads"), "value")(context.astype(self.dtype)))
         y = jax.nn.dot_product_attention(q, k, v, mask=combine_masks(key_mask, mask),
-                                         is_causal=causal)
+                                         is_causal=causal, implementation=self.implementation)
         y = y.reshape(y.shape[:-2] + (inner,))
         return proj(self.out_features or features, ("heads", self.out_axis or self.query_axis),
                     "out")(y)
@@ -129,6 +160,7 @@ class TransformerBlock(nn.Module):
       dropout_rate: dropout on each residual branch (needs a `dropout` rng when training).
       cross_attention: add a cross-attention sub-block (`context` must then be given).
       causal: causal self-attention.
+      attention_impl: "xla" or "cudnn" (`MultiHeadAttention.implementation`).
     """
 
     num_heads: int
@@ -136,6 +168,7 @@ class TransformerBlock(nn.Module):
     dropout_rate: float = 0.0
     cross_attention: bool = False
     causal: bool = False
+    attention_impl: str = "xla"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -158,13 +191,15 @@ class TransformerBlock(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         drop = lambda h: nn.Dropout(self.dropout_rate)(h, deterministic=not train)
         h = layer_norm("embed", name="ln_1", **kw)(x)
-        x = x + drop(MultiHeadAttention(self.num_heads, name="attn", **kw)(
+        x = x + drop(MultiHeadAttention(self.num_heads, implementation=self.attention_impl,
+                                        name="attn", **kw)(
             h, key_mask=mask, causal=self.causal))
         if self.cross_attention:
             if context is None:
                 raise ValueError("this block cross-attends: pass `context` (and context_mask)")
             h = layer_norm("embed", name="ln_cross", **kw)(x)
             x = x + drop(MultiHeadAttention(self.num_heads, context_axis="context",
+                                            implementation=self.attention_impl,
                                             name="cross_attn", **kw)(
                 h, context, key_mask=context_mask))
         h = layer_norm("embed", name="ln_2", **kw)(x)
@@ -177,7 +212,8 @@ class Transformer(nn.Module):
 
     Attributes:
       num_layers: number of blocks.
-      num_heads, mlp_ratio, dropout_rate, cross_attention, causal: as in TransformerBlock.
+      num_heads, mlp_ratio, dropout_rate, cross_attention, causal, attention_impl: as in
+        TransformerBlock.
       remat: recompute each block's activations in the backward pass (saves memory).
     """
 
@@ -188,6 +224,7 @@ class Transformer(nn.Module):
     cross_attention: bool = False
     causal: bool = False
     remat: bool = False
+    attention_impl: str = "xla"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -201,7 +238,8 @@ class Transformer(nn.Module):
             else TransformerBlock
         for i in range(self.num_layers):
             x = block_cls(self.num_heads, self.mlp_ratio, self.dropout_rate,
-                          self.cross_attention, self.causal, dtype=self.dtype,
+                          self.cross_attention, self.causal, self.attention_impl,
+                          dtype=self.dtype,
                           param_dtype=self.param_dtype, name=f"block_{i}")(
                 x, mask, context, context_mask, train)
         return layer_norm("embed", name="ln_final", dtype=self.dtype,

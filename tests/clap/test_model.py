@@ -262,6 +262,48 @@ def test_cross_attention_ignores_padded_context():
                                atol=1e-2)
 
 
+def test_attention_implementation_switch():
+    from ldm_jax.config import ConfigError
+    from ldm_jax.diffusion import unet as unet_lib
+    from ldm_jax.diffusion.schedules import DiffusionError
+    from ldm_jax.nn.attention import check_attention_impl
+
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.standard_normal((2, 5, 8)), jnp.float32)
+    attn = MultiHeadAttention(num_heads=2, implementation="xla")
+    v = nn.meta.unbox(jax.jit(attn.init)(jax.random.key(2), x))
+    y = np.asarray(jax.jit(attn.apply)(v, x))
+    # The XLA path is the textbook formula.
+    p = v["params"]
+    heads = lambda name: (np.asarray(x) @ np.asarray(p[name]["kernel"])
+                          + np.asarray(p[name]["bias"])).reshape(2, 5, 2, 4)
+    q, k, val = heads("query"), heads("key"), heads("value")
+    logits = np.einsum("bthd,bshd->bhts", q, k) / 2.0
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    mixed = np.einsum("bhts,bshd->bthd", weights, val).reshape(2, 5, 8)
+    want = mixed @ np.asarray(p["out"]["kernel"]) + np.asarray(p["out"]["bias"])
+    np.testing.assert_allclose(y, want, atol=1e-5)
+    # cuDNN's fused kernel is refused in one line where it cannot run.
+    check_attention_impl("xla", jnp.float32)
+    check_attention_impl("cudnn", jnp.bfloat16, platform="gpu")
+    with pytest.raises(ConfigError, match="needs an NVIDIA GPU; this JAX runs on cpu"):
+        check_attention_impl("cudnn", jnp.bfloat16, platform="cpu")
+    with pytest.raises(ConfigError, match="bfloat16 or float16, not float32"):
+        check_attention_impl("cudnn", jnp.float32, platform="gpu")
+    with pytest.raises(ConfigError, match="unknown"):
+        check_attention_impl("flash", jnp.float32)
+    if jax.default_backend() != "gpu":
+        with pytest.raises(ConfigError, match="needs an NVIDIA GPU"):
+            unet_lib.make_unet({"attention_impl": "cudnn", "dtype": "bfloat16"})
+        with pytest.raises(ConfigError, match="needs an NVIDIA GPU"):
+            clap_model.make_model({"attention_impl": "cudnn", "dtype": "bfloat16"})
+    with pytest.raises(DiffusionError, match="attention_impl"):
+        unet_lib.UNetConfig(attention_impl="flash")
+    with pytest.raises(clap_model.ClapError, match="attention_impl"):
+        clap_model.ClapConfig(attention_impl="flash")
+
+
 def test_sinusoidal_embedding():
     emb = np.asarray(sinusoidal_embedding(jnp.array([0.0, 3.0]), 6, max_period=100.0))
     freqs = 100.0 ** (-np.arange(3) / 3)
