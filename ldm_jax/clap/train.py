@@ -214,7 +214,8 @@ def make_task(cfg, tokenizer: Tokenizer, evaluate=None) -> loop.Task:
     clap_model.make_model(cfg)  # a config that cannot build fails here, not inside jit
     return loop.Task(name="clap", init=functools.partial(init_state, cfg),
                      step=functools.partial(train_step, cfg=cfg),
-                     model_config=cfg.model.to_dict(), prepare=Prepare(cfg, tokenizer),
+                     model_config=clap_model.ClapConfig.from_dict(cfg.model),
+                     prepare=Prepare(cfg, tokenizer),
                      evaluate=evaluate)
 
 

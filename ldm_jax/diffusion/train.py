@@ -52,7 +52,7 @@ from ldm_jax.diffusion.config import (
 )
 from ldm_jax.diffusion.generate import Generator
 from ldm_jax.diffusion.schedules import DiffusionError
-from ldm_jax.diffusion.unet import init_variables, make_unet
+from ldm_jax.diffusion.unet import UNetConfig, init_variables, make_unet
 
 
 def make_optimizer(cfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -232,7 +232,8 @@ def make_task(cfg, clap_model, scale, *, codec=None, media_prompts=None) -> loop
                      step=functools.partial(train_step, cfg=cfg),
                      grads=functools.partial(loss_grads, cfg=cfg),
                      apply=functools.partial(apply_update, cfg=cfg),
-                     model_config=cfg.model.to_dict(), prepare=Prepare(cfg, clap_model, scale),
+                     model_config=UNetConfig.from_dict(cfg.model),
+                     prepare=Prepare(cfg, clap_model, scale),
                      media=media)
 
 
