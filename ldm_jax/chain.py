@@ -463,7 +463,7 @@ def codec_roundtrip(workdir: str, sample_rate: int) -> Callable:
     if loaded.sample_rate != sample_rate:
         raise config_lib.ConfigError(f"the codec runs at {loaded.sample_rate} Hz and the data at "
                                      f"{sample_rate} Hz")
-    return lambda x: loaded.decode(loaded.encode(x[..., None])["z"])[..., 0]
+    return lambda x: loaded.roundtrip(x[..., None])[..., 0]
 
 
 def controls_ceiling(cfg, workdir, *, num_examples: int | None = None) -> dict:

@@ -25,6 +25,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from ldm_jax import parallel, paths
+from ldm_jax.config import Section
 
 MODEL_CONFIG = "model_config.json"
 
@@ -69,7 +70,7 @@ class Checkpointer:
                  this_host_only: bool = False):
         # orbax refuses relative paths (tensorstore needs absolute ones); URLs such as gs:// pass.
         self.directory = epath.Path(paths.resolve(str(directory)))
-        self._section = model_config if hasattr(model_config, "from_dict") else None
+        self._section = model_config if isinstance(model_config, Section) else None
         if self._section is not None:
             model_config = model_config.to_dict()
         self.model_config = json.loads(json.dumps(model_config, default=list)) \

@@ -21,3 +21,25 @@ def fixtures_dir():
             return os.path.abspath(candidate)
     pytest.fail("reference fixtures not found: put shared/fixtures beside the repository or set "
                 "LDM_JAX_FIXTURES")
+
+
+@pytest.fixture
+def malicious_checkpoint(tmp_path):
+    """`make(file_name, module, name) -> (path, payload, marker)`: a `torch.save`-style zip whose
+    pickle calls `module.name` on a command that would create `marker` (a shell `touch`, or for
+    `eval` a Python `open`), so a test can check that loading refuses it and runs nothing."""
+    import zipfile
+
+    marker = tmp_path / "pwned"
+
+    def make(file_name, module, name):
+        command = f"open({str(marker)!r}, 'w').close()" if name == "eval" else f"touch {marker}"
+        payload = (b"\x80\x02c" + f"{module}\n{name}\n".encode() + b"X"
+                   + len(command).to_bytes(4, "little") + command.encode() + b"\x85R.")
+        path = tmp_path / file_name
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("archive/data.pkl", payload)
+            z.writestr("archive/byteorder", "little")
+        return path, payload, marker
+
+    return make

@@ -570,16 +570,19 @@ def fsq_quantize(z: jax.Array, levels: jax.Array) -> tuple[jax.Array, jax.Array]
             (rounded + half_width).astype(jnp.int32))
 
 
+def _fsq_basis(levels: jax.Array) -> jax.Array:
+    """The place value of each digit in a product code: `prod(levels[:i])`."""
+    return jnp.cumprod(jnp.concatenate([jnp.ones((1,), jnp.int32), levels[:-1]]))
+
+
 def fsq_pack(digits: jax.Array, levels: jax.Array) -> jax.Array:
     """int digits `[..., d]` -> product codes `[...]`: `sum_i digits_i * prod(levels[:i])`."""
-    basis = jnp.cumprod(jnp.concatenate([jnp.ones((1,), jnp.int32), levels[:-1]]))
-    return jnp.sum(digits * basis, axis=-1).astype(jnp.int32)
+    return jnp.sum(digits * _fsq_basis(levels), axis=-1).astype(jnp.int32)
 
 
 def fsq_unpack(codes: jax.Array, levels: jax.Array) -> jax.Array:
     """Product codes `[...]` -> grid values `[..., d]` in [-1, 1] (`fsq_pack`'s inverse)."""
-    basis = jnp.cumprod(jnp.concatenate([jnp.ones((1,), jnp.int32), levels[:-1]]))
-    digits = (codes[..., None] // basis) % levels
+    digits = (codes[..., None] // _fsq_basis(levels)) % levels
     half_width = (levels // 2).astype(jnp.float32)
     return (digits.astype(jnp.float32) - half_width) / half_width
 

@@ -123,13 +123,8 @@ def _zip_with_pickle(path, payload: bytes, extra=()):
 
 @pytest.mark.parametrize("module,name", [("os", "system"), ("posix", "system"),
                                          ("builtins", "eval")])
-def test_malicious_pickle_is_refused_without_side_effect(tmp_path, module, name):
-    marker = tmp_path / "pwned"
-    command = f"open({str(marker)!r}, 'w').close()" if name == "eval" else f"touch {marker}"
-    payload = (b"\x80\x02c" + f"{module}\n{name}\n".encode() + b"X"
-               + len(command).to_bytes(4, "little") + command.encode() + b"\x85R.")
-    path = tmp_path / "evil.pth"
-    _zip_with_pickle(path, payload)
+def test_malicious_pickle_is_refused_without_side_effect(malicious_checkpoint, module, name):
+    path, payload, marker = malicious_checkpoint("evil.pth", module, name)
     expected = (f"refusing to load evil.pth: it contains object {module}.{name}; only tensors "
                 "and plain containers are allowed")
     with pytest.raises(UnsafeCheckpointError) as info:

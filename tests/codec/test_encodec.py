@@ -10,7 +10,6 @@ import functools
 import json
 import os
 import pickle
-import zipfile
 
 import flax.linen as nn
 import jax
@@ -234,20 +233,9 @@ def test_config_validation_is_one_line():
         CodecConfig(segment_overlap=1.0)
 
 
-def _zip_with_pickle(path, payload: bytes):
-    with zipfile.ZipFile(path, "w") as z:
-        z.writestr("archive/data.pkl", payload)
-        z.writestr("archive/byteorder", "little")
-
-
 @pytest.mark.parametrize("module,name", [("os", "system"), ("builtins", "eval")])
-def test_malicious_pickle_is_refused_without_side_effect(tmp_path, module, name):
-    marker = tmp_path / "pwned"
-    command = f"open({str(marker)!r}, 'w').close()" if name == "eval" else f"touch {marker}"
-    payload = (b"\x80\x02c" + f"{module}\n{name}\n".encode() + b"X"
-               + len(command).to_bytes(4, "little") + command.encode() + b"\x85R.")
-    path = tmp_path / "evil.th"
-    _zip_with_pickle(path, payload)
+def test_malicious_pickle_is_refused_without_side_effect(malicious_checkpoint, module, name):
+    path, payload, marker = malicious_checkpoint("evil.th", module, name)
     with pytest.raises(UnsafeCheckpointError, match=f"refusing to load evil.th: it contains "
                                                      f"object {module}.{name}"):
         import_encodec(path)
