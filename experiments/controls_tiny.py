@@ -34,7 +34,7 @@ def get_config(arg=None):
     c = tiny.get_config()
     c.stages = ("data", "tokenizer", "codec", "codec_eval", "controls_eval", "judge",
                 "judge_eval", "clap", "clap_eval", "latents", "ldm", "samples",
-                "generation_eval", "report")
+                "generation_eval", "controlnet", "controlnet_eval", "report")
     c.data.clip_seconds = 8.0
     c.data.num_train = 512
     c.data.num_test = 64
@@ -55,4 +55,27 @@ def get_config(arg=None):
     c.ldm.train.batch_size = 8
     c.ldm.train.steps = 1600
     c.ldm.eval.num_prompts = 64
+    c.controlnet = controlnet_config(c)
     return c
+
+
+def controlnet_config(c) -> ml_collections.ConfigDict:
+    """The `controlnet` stage: Music ControlNet on the trained U-Net, on the controls extracted
+    from the training clips, at the U-Net's crop, batch and learning rate."""
+    from ldm_jax.diffusion.config import ControlEvalConfig
+    from ldm_jax.diffusion.controlnet import CONTROLS, ControlMaskConfig
+
+    cn = ml_collections.ConfigDict()
+    cn.model = ml_collections.ConfigDict(dict(controls=tuple(CONTROLS),
+                                              encoder_channels=(32, 64)))
+    cn.masks = ControlMaskConfig.config()
+    cn.features = feature_defaults()
+    cn.train = ml_collections.ConfigDict(dict(
+        steps=800, batch_size=8, lr=float(c.ldm.train.lr), warmup=50, ema_decay=0.999))
+    cn.data = ml_collections.ConfigDict(c.ldm.data.to_dict())
+    cn.mesh = ml_collections.ConfigDict(c.ldm.mesh.to_dict())
+    cn.checkpoint = ml_collections.ConfigDict(c.ldm.checkpoint.to_dict())
+    cn.log = ml_collections.ConfigDict(dict(c.ldm.log.to_dict(), audio_every_steps=0))
+    cn.seed = 0
+    cn.eval = ControlEvalConfig.config(steps=25, num_prompts=64)
+    return cn

@@ -357,7 +357,8 @@ def _stage_steps_done(cfg, workdir, name):
 TRAINERS = {"codec": ("ldm_jax.codec.train", "train/mel/loss", "mel_loss"),
             "clap": ("ldm_jax.clap.train", None, None),
             "ldm": ("ldm_jax.diffusion.train", "train/loss", "loss"),
-            "judge": ("ldm_jax.judge.train", "train/loss", "loss")}
+            "judge": ("ldm_jax.judge.train", "train/loss", "loss"),
+            "controlnet": ("ldm_jax.diffusion.controlnet", "train/loss", "loss")}
 
 
 def train_stage(name: str, cfg, layout_):
@@ -490,6 +491,27 @@ def controls_ceiling(cfg, workdir, *, num_examples: int | None = None) -> dict:
     return out
 
 
+def controlnet_scores(cfg, workdir, *, num_prompts: int | None = None) -> dict:
+    """The ControlNet's adherence to the test clips' controls (`diffusion.evaluate.
+    evaluate_controls`), beside the codec's ceiling where `controls_eval` wrote it."""
+    from ldm_jax.diffusion import evaluate as generation
+    from ldm_jax.diffusion.config import ControlEvalConfig
+    e = ControlEvalConfig.from_dict(cfg.controlnet.get("eval", None) or {})
+    if num_prompts:
+        e = e.replace(num_prompts=num_prompts)
+    source = builders_open_test(cfg, workdir)
+    ceiling = os.path.join(workdir, "codec", "controls.json")
+    return generation.evaluate_controls(
+        workdir, source, e, ceiling=json.loads(paths.read_text(ceiling))
+        if paths.isfile(ceiling) else None)
+
+
+def builders_open_test(cfg, workdir):
+    """The test split of the chain's source dataset."""
+    from ldm_jax.data import builders
+    return builders.open_split(data_dir(cfg, workdir), cfg.data.name, "test")
+
+
 def judge_scores(cfg, workdir) -> dict:
     """The judge's accuracy on the real test clips and, where the chain has a trained codec, on
     their codec reconstructions (the ceiling of a generator's judged adherence)."""
@@ -546,6 +568,14 @@ def evaluations() -> list[Evaluation]:
                    summary=("real/instrument_accuracy", "codec/instrument_accuracy",
                             "real/pattern_accuracy", "real/with_drums_accuracy"),
                    requires=("codec",)),
+        Evaluation(name="controlnet_eval", title="ControlNet", after="controlnet",
+                   section="controlnet.eval", path="controlnet/eval.json",
+                   evaluate=controlnet_scores,
+                   seeds=lambda cfg: {"controlnet_seed": cfg.controlnet.get("seed"),
+                                      "eval_seed": cfg.controlnet.eval.seed},
+                   summary=("none/melody_accuracy", "all/melody_accuracy",
+                            "none/dynamics_correlation", "all/dynamics_correlation",
+                            "none/beat_f1", "all/beat_f1", "none/fd_clap", "all/fd_clap")),
         Evaluation(name="clap_eval", title="clap", after="clap", section="clap.eval",
                    path="clap/eval.json", evaluate=_clap_scores,
                    seeds=lambda cfg: {"clap_seed": cfg.clap.seed},
@@ -625,6 +655,10 @@ def registry() -> dict[str, Stage]:
               run=_latents_run, outputs=("latents",), all_hosts=True),
         Stage(name="ldm", after=("latents", "clap"), sections=("ldm",), done=_steps_done("ldm"),
               run=_trained("ldm"), outputs=("ldm", "logs/ldm"), all_hosts=True),
+        Stage(name="controlnet", after=("ldm",), sections=("controlnet",),
+              done=_steps_done("controlnet"), run=_trained("controlnet"),
+              outputs=("controlnet", "logs/controlnet"), all_hosts=True),
+        evals["controlnet_eval"],
         Stage(name="samples", after=("ldm",), sections=("ldm.generation",), done=_samples_done,
               run=_samples_run, outputs=("samples",), all_hosts=True),
         evals["generation_eval"],
@@ -635,7 +669,7 @@ def registry() -> dict[str, Stage]:
 
 
 # Stages only the experiments that declare them run (they need what the default data lacks).
-OPTIONAL_STAGES = ("controls_eval", "judge", "judge_eval")
+OPTIONAL_STAGES = ("controls_eval", "judge", "judge_eval", "controlnet", "controlnet_eval")
 
 
 def default_stages() -> list[Stage]:

@@ -386,8 +386,10 @@ def cmd_generate(args, cfg):
     g = generation_config(gen.cfg)
     sampler = "dpmpp_2m" if args.sampler == "dpmpp" else (args.sampler or g.sampler)
     seed = g.seed if args.seed is None else args.seed
+    controls, ranges = _controls_args(args, gen)
     audio = gen.generate_shared(
-        prompts, seconds=args.seconds, steps=args.steps or g.steps, sampler=sampler,
+        prompts, seconds=args.seconds, controls=controls, control_ranges=ranges,
+        control_scale=args.control_scale, steps=args.steps or g.steps, sampler=sampler,
         cfg_scale=g.cfg_scale if args.cfg is None else args.cfg,
         negative_prompt=args.negative_prompt or g.negative_prompt or None,
         seed=[seed + i for i in range(len(prompts))],
@@ -401,6 +403,45 @@ def cmd_generate(args, cfg):
     for path, clip, prompt in zip(outs, audio, prompts):
         audio_io.write_audio(path, clip, gen.sample_rate)
         print(f"{path}: {prompt!r} ({len(clip) / gen.sample_rate:.2f} s)")
+
+
+def _controls_args(args, gen):
+    """The controls `ldm-jax generate` was given: ({name: controls} or None, their ranges)."""
+    from ldm_jax import controls as controls_lib
+    files = {"melody": args.melody_from or args.melody_midi,
+             "dynamics": args.dynamics_from or args.dynamics_curve, "rhythm": args.rhythm_from}
+    for name, a, b, other in (("melody", args.melody_from, args.melody_midi, "melody-midi"),
+                              ("dynamics", args.dynamics_from, args.dynamics_curve,
+                               "dynamics-curve")):
+        if a and b:
+            raise config_lib.ConfigError(f"give the {name} once: --{name}-from or --{other}")
+    files = {k: v for k, v in files.items() if v}
+    if not files:
+        if args.control_start is not None or args.control_end is not None or \
+                args.control_scale != 1.0:
+            raise config_lib.ConfigError("--control-start/--control-end/--control-scale need a "
+                                         "control (--melody-from, --dynamics-from, ...)")
+        return None, None
+    rate = gen.stats.frame_rate
+    out = {}
+    for name, path in files.items():
+        if not paths.exists(path):
+            raise config_lib.ConfigError(f"--{name}: {path}: no such file")
+        try:
+            found = controls_lib.controls_from_file(path, frame_rate=rate,
+                                                    sample_rate=gen.sample_rate)
+        except (OSError, RuntimeError) as e:
+            raise config_lib.ConfigError(f"--{name}: cannot read {path}: "
+                                         f"{str(e).splitlines()[0]}") from None
+        if name not in found:
+            raise config_lib.ConfigError(f"--{name}: {path} gives no {name} (a CSV gives only "
+                                         "dynamics)")
+        out[name] = found
+    start = args.control_start or 0.0
+    ranges = None
+    if args.control_start is not None or args.control_end is not None:
+        ranges = {name: (start, args.control_end) for name in out}
+    return out, ranges
 
 
 def cmd_eval_generation(args, cfg):
@@ -418,17 +459,22 @@ def cmd_eval_generation(args, cfg):
 
 def cmd_eval_controls(args, cfg):
     from ldm_jax import chain
-    if not args.ceiling:
-        raise config_lib.ConfigError("say --ceiling: the controls of the real test clips and "
-                                     "of their codec reconstructions against the ground truth")
     if "controls" not in cfg or not chain.is_chain(cfg):
-        raise config_lib.ConfigError("the controls ceiling needs a chain experiment with a "
+        raise config_lib.ConfigError("the controls evaluation needs a chain experiment with a "
                                      "`controls` section and data built with controls, e.g. "
                                      "--config controls_tiny")
     workdir = _require_workdir(args)
-    result = chain.controls_ceiling(cfg, workdir, num_examples=args.max_clips or None)
-    _print_json(result, args.json, codec_seed=cfg.codec.seed,
-                bootstrap_seed=cfg.controls.eval.seed)
+    if args.ceiling:
+        result = chain.controls_ceiling(cfg, workdir, num_examples=args.max_clips or None)
+        _print_json(result, args.json, codec_seed=cfg.codec.seed,
+                    bootstrap_seed=cfg.controls.eval.seed)
+        return
+    if "controlnet" not in cfg:
+        raise config_lib.ConfigError("the experiment has no controlnet section: say --ceiling, "
+                                     "or use --config controls_tiny")
+    result = chain.controlnet_scores(cfg, workdir, num_prompts=args.max_clips or None)
+    _print_json(result, args.json, controlnet_seed=cfg.controlnet.get("seed"),
+                eval_seed=cfg.controlnet.eval.seed)
 
 
 def _latent_frame_rate(cfg) -> float:
@@ -638,6 +684,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_distributed(p)
     p.set_defaults(func=cmd_train)
 
+    p = train_sub.add_parser("controlnet", help="train Music ControlNet (melody, dynamics, "
+                             "rhythm) on the trained U-Net of W", epilog=EPILOG)
+    p.add_argument("--latents", default=None, help="latents directory (default: W/latents)")
+    p.add_argument("--clap", default=None, help="trained CLAP directory (default: W/clap)")
+    _add_config(p, default="controls_tiny")
+    _add_distributed(p)
+    p.set_defaults(func=cmd_train)
+
     lat = sub.add_parser("latents", help="codec latents of a dataset", epilog=EPILOG)
     lat_sub = lat.add_subparsers(dest="latents_command", metavar="ACTION", required=True)
     p = lat_sub.add_parser("encode", help="encode every clip with a trained codec",
@@ -672,6 +726,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inpaint-audio", default=None, help="the clip to inpaint")
     p.add_argument("--inpaint-start", type=NON_NEGATIVE, default=None, help="seconds")
     p.add_argument("--inpaint-end", type=POSITIVE, default=None, help="seconds")
+    g = p.add_argument_group("time-varying controls (a ControlNet trained in W/controlnet)")
+    for name, what in (("melody", "its melody"), ("dynamics", "its dynamics (level curve)"),
+                       ("rhythm", "its beats and downbeats")):
+        g.add_argument(f"--{name}-from", default=None, metavar="REF",
+                       help=f"follow {what}: an audio file"
+                            + (" or a MIDI file" if name != "dynamics" else
+                               ", a MIDI file or a CSV of time,db rows"))
+    g.add_argument("--melody-midi", default=None, metavar="FILE.mid",
+                   help="the melody of a MIDI file (as --melody-from FILE.mid)")
+    g.add_argument("--dynamics-curve", default=None, metavar="FILE.csv",
+                   help="a level curve of time,db rows (as --dynamics-from FILE.csv)")
+    g.add_argument("--control-start", type=NON_NEGATIVE, default=None, metavar="S",
+                   help="give the controls from S seconds on (default 0)")
+    g.add_argument("--control-end", type=POSITIVE, default=None, metavar="S",
+                   help="give the controls up to S seconds (default: the clip's end)")
+    g.add_argument("--control-scale", type=FINITE, default=1.0,
+                   help="multiplies the ControlNet's residuals (0: text alone) [1]")
     _add_config(p, default="ldm_tiny")
     _add_distributed(p)
     p.set_defaults(func=cmd_generate)
@@ -690,15 +761,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_distributed(p)
     p.set_defaults(func=cmd_eval_generation)
 
-    p = ev_sub.add_parser("controls", help="melody, dynamics, beat and downbeat scores of "
-                          "the controls of real and codec-reconstructed test clips",
-                          epilog=EPILOG)
+    p = ev_sub.add_parser("controls", help="how closely the ControlNet's clips follow the test "
+                          "clips' melody, dynamics and beats (with --ceiling: the controls of "
+                          "real and codec-reconstructed test clips)", epilog=EPILOG)
     p.add_argument("--ceiling", action="store_true",
                    help="score real test clips and their codec reconstructions against the "
                         "ground truth stored with them (what the codec lets through)")
     p.add_argument("--json", default=None, help="write the scores here")
     p.add_argument("--max-clips", type=COUNT, default=0, help="score at most N clips (0: the "
-                   "config's controls.eval.num_examples)")
+                   "config's controls.eval.num_examples, or controlnet.eval.num_prompts)")
     _add_config(p, default="controls_tiny")
     _add_distributed(p)
     p.set_defaults(func=cmd_eval_controls)

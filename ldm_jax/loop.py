@@ -17,7 +17,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -67,6 +67,10 @@ class Task:
         times as large, with the randomness those rows get in it, and
         `apply(state, grads, metrics) -> (state, metrics)` from the mean gradients. A task
         without them trains with `grad_accum_steps=1` only.
+      warm_start: optional `abstract state -> {key: partial tree}`: host values (numpy) for
+        subtrees of a state started from scratch, e.g. a trained model's parameters that a
+        ControlNet copies and keeps frozen. A partial tree names only the subtrees it sets;
+        every host returns the whole values and each places the shards its devices hold.
     """
 
     name: str
@@ -79,6 +83,7 @@ class Task:
     loss_key: str = "loss"
     grads: Callable | None = None
     apply: Callable | None = None
+    warm_start: Callable[[Any], dict] | None = None
 
 
 def micro_rows(x: jax.Array, i, k: int) -> jax.Array:
@@ -268,6 +273,27 @@ def _host_code(task: Task, what: str, state):
             "parallel.map_batches") from e
 
 
+def _place(value, sharding) -> jax.Array:
+    """A host's whole value of a (possibly multi-host) array placed as SHARDING says."""
+    return jax.make_array_from_callback(np.shape(value), sharding,
+                                        lambda i: np.asarray(value)[i])
+
+
+def _place_subtrees(tree, values, shardings):
+    """TREE with the subtrees that VALUES names replaced by its values (placed)."""
+    if not isinstance(values, Mapping):
+        if np.shape(values) != tuple(tree.shape):
+            raise CheckpointError(f"a warm-start value of shape {np.shape(values)} replaces an "
+                                  f"array of shape {tuple(tree.shape)}")
+        return _place(np.asarray(values, tree.dtype), shardings)
+    unknown = [k for k in values if k not in tree]
+    if unknown:
+        raise CheckpointError(f"warm-start values for {', '.join(map(str, unknown))}, which the "
+                              "state does not have")
+    return {k: _place_subtrees(tree[k], values[k], shardings[k]) if k in values else tree[k]
+            for k in tree}
+
+
 def initial_state(task: Task, rng, mesh, checkpointer: Checkpointer, *, resume_from: str = "",
                   init_from: str = "", data_iterator=None):
     """Resume order: own checkpoint, explicit resume path, params-only init path, scratch."""
@@ -281,6 +307,10 @@ def initial_state(task: Task, rng, mesh, checkpointer: Checkpointer, *, resume_f
         other = Checkpointer(resume_from, model_config=task.model_config)
         return other.restore(target, data_iterator), shardings, f"resumed from {resume_from}"
     state = jax.jit(lambda r: nn.meta.unbox(task.init(r)), out_shardings=shardings)(rng)
+    if task.warm_start is not None:
+        state = dict(state)
+        for key, values in task.warm_start(abstract).items():
+            state[key] = _place_subtrees(state[key], values, shardings[key])
     if init_from:
         other = Checkpointer(init_from, model_config=task.model_config,
                              this_host_only=True)
@@ -293,9 +323,7 @@ def initial_state(task: Task, rng, mesh, checkpointer: Checkpointer, *, resume_f
             raise CheckpointError(f"{init_from} holds no params to initialise from")
         state = dict(state)
         # Every host read the whole value; each places the shards its devices hold.
-        state["params"] = jax.tree_util.tree_map(
-            lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda i: np.asarray(x)[i]),
-            loaded["params"], shardings["params"])
+        state["params"] = jax.tree_util.tree_map(_place, loaded["params"], shardings["params"])
         return state, shardings, f"params from {init_from}"
     return state, shardings, "scratch"
 

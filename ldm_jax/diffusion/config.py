@@ -147,6 +147,30 @@ class EvalConfig(SamplingConfig):
     num_prompts: int = 32
 
 
+CONTROL_INPUTS = ("truth", "audio")
+
+
+@dataclasses.dataclass(frozen=True)
+class ControlEvalConfig(SamplingConfig):
+    """The ControlNet's `eval` section: how `ldm-jax eval controls` samples the test clips."""
+
+    SECTION: ClassVar[str] = "controlnet.eval"
+    LABEL: ClassVar[str] = "ControlNet eval config"
+
+    num_prompts: int = 64
+    inputs: str = "truth"  # the controls given: the clips' stored truth, or extracted ("audio")
+    bootstrap: int = 1000  # resamples of every interval
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.inputs not in CONTROL_INPUTS:
+            raise DiffusionError(f"{self.SECTION}.inputs={self.inputs!r}: use 'truth' or "
+                                 "'audio'")
+        if self.num_prompts < 1 or self.bootstrap < 10:
+            raise DiffusionError(f"{self.SECTION}.num_prompts must be positive and bootstrap "
+                                 "at least 10")
+
+
 def diffusion_config(cfg) -> DiffusionConfig:
     """The `diffusion` section of an experiment config; an unknown key is an error naming it."""
     return DiffusionConfig.from_dict(cfg.get("diffusion", None) or {})

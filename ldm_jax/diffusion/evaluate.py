@@ -234,3 +234,181 @@ def evaluate_generation(workdir: str, data_dir_or_latents: str, *, num_prompts: 
             ldm_seed=gen.cfg.get("seed"), eval_seed=seed)}
         paths.write_text(out_path, json.dumps(record, indent=2))
     return result
+
+
+# ----------------------------------------------------------------------------- ControlNet
+
+def _truth_inputs(truth: dict, frames: int, rate: float) -> dict:
+    """A clip's ground-truth controls in the form `Generator.generate(controls=...)` takes."""
+    from ldm_jax.controls import beat_grid
+
+    pc = np.asarray(truth["pitch_class"])[:frames]
+    one_hot = np.zeros((len(pc), 12), np.float32)
+    one_hot[np.flatnonzero(pc >= 0), pc[pc >= 0]] = 1.0
+    common = {"num_frames": len(pc), "frame_rate": rate}
+    return {"melody": {**common, "melody": {"one_hot": one_hot, "pitch_class": pc}},
+            "dynamics": {**common, "dynamics": {"db": np.asarray(truth["dynamics_db"],
+                                                                 np.float32)[:frames]}},
+            "rhythm": {**common, "rhythm": beat_grid(truth["beats"], truth["downbeats"],
+                                                     len(pc), rate)}}
+
+
+def _truth_segment(truth: dict, first: int, count: int, rate: float) -> dict:
+    """The ground truth of frames [first, first + count), times relative to its start."""
+    t0, t1 = first / rate, (first + count) / rate
+
+    def times(x):
+        x = np.asarray(x, np.float64)
+        return x[(x >= t0) & (x < t1)] - t0
+
+    return {"pitch_class": np.asarray(truth["pitch_class"])[first:first + count],
+            "dynamics_db": np.asarray(truth["dynamics_db"])[first:first + count],
+            "beats": times(truth["beats"]), "downbeats": times(truth["downbeats"])}
+
+
+def _segment_scores(audio: np.ndarray, truth: dict, features, part: str) -> dict:
+    """Control scores of the whole clip, or of its first or second half (split at a frame)."""
+    from ldm_jax.controls import evaluate as control_eval
+
+    if part == "whole":
+        return control_eval.clip_scores(audio, truth, features)
+    hop, frames = features.hop_length, len(truth["pitch_class"])
+    half = frames // 2
+    if part == "first_half":
+        return control_eval.clip_scores(audio[:half * hop], _truth_segment(
+            truth, 0, half + 1, features.frame_rate), features)
+    clip = audio[half * hop:]
+    return control_eval.clip_scores(clip, _truth_segment(
+        truth, half, features.num_frames(len(clip)), features.frame_rate), features)
+
+
+def paired_p_value(a: np.ndarray, b: np.ndarray, *, n: int = 10000, seed: int = 0) -> float:
+    """One-sided p-value that the mean of A exceeds B's over paired clips: a sign-flip
+    permutation test of the per-clip differences (pairs with a NaN left out)."""
+    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    d = d[np.isfinite(d)]
+    if d.size == 0:
+        return float("nan")
+    signs = np.random.default_rng(seed).choice([-1.0, 1.0], size=(n, d.size))
+    null = (signs * d).mean(axis=1)
+    return float((1 + np.sum(null >= d.mean())) / (n + 1))
+
+
+def frechet_interval(real: np.ndarray, generated: np.ndarray, *, n: int = 1000,
+                     seed: int = 0) -> list[float]:
+    """95% percentile bootstrap interval of the Fréchet distance, resampling the generated
+    clips (the real set fixed)."""
+    rng = np.random.default_rng(seed)
+    values = [frechet_distance(real, generated[rng.integers(0, len(generated), len(generated))])
+              for _ in range(n)]
+    return [float(x) for x in np.quantile(values, [0.025, 0.975])]
+
+
+def evaluate_controls(workdir: str, source, settings, *, ceiling: dict | None = None,
+                      generator=None, progress: bool = True) -> dict:
+    """Music ControlNet's evaluation: how closely generated clips follow given controls.
+
+    On the first `settings.num_prompts` clips of SOURCE (a dataset split built with control
+    ground truth), each clip's caption is generated with its ground-truth controls (or, with
+    `settings.inputs="audio"`, the controls extracted from the clip) under the same seeds in
+    these conditions: `none` (text alone: the baseline), each control alone, `all`, and
+    `first_half` (all controls given over the first half only). The controls of every
+    generated clip are extracted and scored against the ground truth (`controls.evaluate`):
+    melody accuracy, dynamics correlation, beat and downbeat F1, each with N and a bootstrap
+    interval; for `none`, `all` and `first_half` also on each half of the clip. The Fréchet
+    distance of each condition's CLAP audio embeddings to the real clips' has a bootstrap
+    interval. `p_value/all_vs_none/METRIC` is a paired sign-flip permutation test; with the
+    codec's ceiling (`chain.controls_ceiling`), `.../share_of_ceiling` divides by it.
+
+    Args:
+      workdir: W with the trained chain and W/controlnet.
+      source: the test split (lazy sequence of examples with audio, caption and ground truth).
+      settings: a `diffusion.config.ControlEvalConfig`.
+      ceiling: the codec ceiling's scores (`W/codec/controls.json`), or None.
+      generator: a `generate.Generator` to reuse.
+      progress: progress bars on process 0.
+
+    Returns:
+      A flat dict, the same on every host.
+    """
+    from ldm_jax.controls import evaluate as control_eval
+    from ldm_jax.controls.analysis import controls_from_audio
+    from ldm_jax.diffusion import generate
+
+    gen = generator or generate.Generator(workdir, batch_size=settings.batch_size)
+    loaded = gen.controlnet
+    features, names = loaded.features, list(loaded.controls)
+    n = min(int(settings.num_prompts), len(source))
+    examples = [source[i] for i in range(n)]
+    prompts = [_string(e["caption"]) for e in examples]
+    real = [np.asarray(e["audio"], np.float32).reshape(-1) for e in examples]
+    rate = features.sample_rate
+    if rate != gen.sample_rate:
+        raise ValueError(f"the ControlNet's features are at {rate} Hz, the codec at "
+                         f"{gen.sample_rate} Hz")
+    seconds = settings.seconds or float(np.median([len(c) for c in real])) / rate
+    samples = int(round(seconds * rate))
+    frames = features.num_frames(samples)
+    truths = [control_eval.ground_truth(e, frames, features.frame_rate) for e in examples]
+    if settings.inputs == "truth":
+        inputs = [_truth_inputs(t, frames, features.frame_rate) for t in truths]
+    else:
+        inputs = [controls_from_audio(np.pad(c[:samples], (0, max(0, samples - len(c)))),
+                                      features) for c in real]
+    conditions = {"none": ((), None)}
+    conditions.update({name: ((name,), None) for name in names})
+    conditions["all"] = (tuple(names), None)
+    conditions["first_half"] = (tuple(names), {k: (0.0, seconds / 2) for k in names})
+    real_emb = gen.clap.embed_audio(real, sample_rate=rate)
+    boot = int(settings.bootstrap)
+    result = {"num_clips": n, "seconds": float(seconds), "steps": int(settings.steps),
+              "sampler": settings.sampler, "cfg_scale": float(settings.cfg_scale),
+              "control_inputs": settings.inputs, "controls": names,
+              "frame_rate": features.frame_rate}
+    per_clip = {}
+    for label, (given, ranges) in conditions.items():
+        controls = None if not given else [{k: item[k] for k in given} for item in inputs]
+        audio = gen.generate_shared(prompts, seconds=seconds, seed=settings.seed,
+                                    steps=settings.steps, sampler=settings.sampler,
+                                    cfg_scale=settings.cfg_scale, controls=controls,
+                                    control_ranges=ranges,
+                                    progress=progress and parallel.is_leader())
+        audio = np.asarray(audio, np.float32).reshape(len(prompts), -1)
+        parts = ("whole",) if label not in ("none", "all", "first_half") else \
+            ("whole", "first_half", "second_half")
+
+        def score(rows: range, parts=parts, audio=audio):
+            return [{p: _segment_scores(audio[i], truths[i], features, p) for p in parts}
+                    for i in rows]
+
+        rows = [r for batch in parallel.map_batches(score, n, settings.batch_size) for r in batch]
+        for part in parts:
+            prefix = label if part == "whole" else f"{label}/{part}"
+            summary = control_eval.summarize([r[part] for r in rows], seed=settings.seed)
+            for metric in control_eval.METRICS:
+                s = summary[metric]
+                result[f"{prefix}/{metric}"] = s["mean"]
+                result[f"{prefix}/{metric}/n"] = s["n"]
+                result[f"{prefix}/{metric}/ci95"] = s["ci95"]
+            result[f"{prefix}/dynamics_correlation_pooled"] = \
+                summary["dynamics_correlation_pooled"]
+        per_clip[label] = {m: np.asarray([r["whole"][m] for r in rows], np.float64)
+                           for m in control_eval.METRICS}
+        emb = gen.clap.embed_audio(list(audio), sample_rate=rate)
+        result[f"{label}/fd_clap"] = frechet_distance(real_emb, emb)
+        result[f"{label}/fd_clap/ci95"] = frechet_interval(real_emb, emb, n=boot,
+                                                           seed=settings.seed)
+    for metric in control_eval.METRICS:
+        result[f"p_value/all_vs_none/{metric}"] = paired_p_value(
+            per_clip["all"][metric], per_clip["none"][metric], n=10 * boot, seed=settings.seed)
+        none = result[f"none/{metric}"]
+        result[f"all/{metric}/over_none"] = result[f"all/{metric}"] / none if none else \
+            float("nan")
+        if ceiling and f"codec/{metric}" in ceiling:
+            result[f"ceiling/{metric}"] = ceiling[f"codec/{metric}"]
+            result[f"ceiling_real/{metric}"] = ceiling.get(f"real/{metric}")
+            top = ceiling[f"codec/{metric}"]
+            for label in conditions:
+                result[f"{label}/{metric}/share_of_ceiling"] = \
+                    result[f"{label}/{metric}"] / top if top else float("nan")
+    return result

@@ -119,6 +119,7 @@ class Generator:
         stats_dict = json.loads(paths.read_text(os.path.join(directory, ldm_config.STATS_FILE)))
         params, self.step = load_params(directory, use_ema)
         root = os.path.dirname(directory) if os.path.basename(directory) == "ldm" else workdir
+        self.root = root
         self._setup(cfg, params, codec=load_trained(root),
                     clap=ClapModel.load(os.path.join(root, "clap")),
                     stats=LatentStats.from_dict(stats_dict),
@@ -138,7 +139,7 @@ class Generator:
           batch_size: prompts sampled together.
         """
         self = cls.__new__(cls)
-        self.step = None
+        self.step, self.root = None, None
         if latent is None:
             latent = "mean" if codec.config.quantizer == "kl" else "z"
         self._setup(cfg, params, codec=codec, clap=clap, stats=stats, latent=latent,
@@ -159,6 +160,22 @@ class Generator:
         # The natural length of a sample: the latent crops the U-Net was trained on.
         self.default_seconds = float(data["crop_seconds"]) if data.get("crop_seconds") else None
         self._fns = {}
+        self._controlnet = None
+
+    @property
+    def controlnet(self):
+        """The trained ControlNet beside the LDM (W/controlnet), loaded on first use; may be set
+        to a `controlnet.LoadedControlNet`."""
+        if self._controlnet is None:
+            from ldm_jax.diffusion import controlnet
+            if self.root is None:
+                raise DiffusionError("this generator has no ControlNet: set .controlnet")
+            self._controlnet = controlnet.load_trained(self.root)
+        return self._controlnet
+
+    @controlnet.setter
+    def controlnet(self, loaded):
+        self._controlnet = loaded
 
     @property
     def sample_rate(self) -> int:
@@ -197,13 +214,20 @@ class Generator:
         return audio[0] if z.ndim == 2 else audio
 
     def _sampler(self, sampler: str, steps: int, guided: bool, strength: float | None,
-                 inpaint: bool):
-        key = (sampler, steps, guided, strength, inpaint)
+                 inpaint: bool, controlled: bool = False):
+        key = (sampler, steps, guided, strength, inpaint, controlled)
         if key not in self._fns:
             unet, schedule, objective = self.unet, self.schedule, self.objective
+            control_model = self.controlnet.model if controlled else None
 
-            def run(params, noise, cond, uncond, scale, x_init, known, mask, rng):
+            def run(params, noise, cond, uncond, scale, x_init, known, mask, rng, control_scale):
                 def model_fn(x, t, c):
+                    if controlled:
+                        from ldm_jax.diffusion.controlnet import apply_controlled
+                        return apply_controlled(
+                            unet, params["base"], control_model, params["controlnet"], x, t,
+                            c["context"], c["context_mask"], c["pooled"], c["controls"],
+                            c["control_mask"], scale=control_scale)
                     return unet.apply({"params": params}, x, t, c["context"], c["context_mask"],
                                       c["pooled"])[0]
 
@@ -224,6 +248,7 @@ class Generator:
                  negative_prompt: str | None = None, seed: int | Sequence[int] = 0,
                  init_audio=None, strength: float = 0.6, inpaint_audio=None,
                  inpaint_start: float | None = None, inpaint_end: float | None = None,
+                 controls=None, control_ranges=None, control_scale: float = 1.0,
                  return_latents: bool = False, progress: bool = False,
                  batches: Sequence[int] | None = None):
         """Generates one clip per prompt, on this host's devices.
@@ -246,6 +271,13 @@ class Generator:
             [inpaint_start, inpaint_end] seconds (default: the whole clip); the range between is
             generated.
           inpaint_start, inpaint_end: the regenerated range in seconds.
+          controls: time-varying controls through the trained ControlNet (W/controlnet):
+            `{name: controls}` with name "melody", "dynamics" or "rhythm" and controls in the
+            form of `ldm_jax.controls` (`controls_from_file` of a reference clip, a MIDI file or
+            a CSV curve), for every prompt, or a list of such dicts, one per prompt.
+          control_ranges: `{name: (start, end)}` seconds where a control is given (default:
+            all of the clip); outside it the control is masked.
+          control_scale: multiplies the ControlNet's residuals (0: the base model).
           return_latents: also return the sampled latents (normalised) [B, frames, D].
           progress: show a progress bar over batches.
           batches: generate only these batches of `batch_size` prompts (`generate_shared`);
@@ -270,7 +302,10 @@ class Generator:
                        sampler=sampler)
         if seconds is None:
             reference = init_audio if init_audio is not None else inpaint_audio
-            if reference is not None:
+            if controls is not None and reference is None:
+                from ldm_jax.diffusion.controlnet import controls_seconds
+                seconds = controls_seconds(controls, self.stats.frame_rate)
+            elif reference is not None:
                 seconds = max(len(c) for c in _clips(reference)) / self.sample_rate
             elif self.default_seconds is not None:
                 seconds = self.default_seconds
@@ -302,10 +337,18 @@ class Generator:
                 raise DiffusionError(f"{name} has {value.shape[0]} clips for {n} prompts; give "
                                      "one clip, or one per prompt")
 
+        values = given = None
+        if controls is not None:
+            from ldm_jax.diffusion.controlnet import control_inputs
+            values, given = control_inputs(self.controlnet, controls, n, frames,
+                                           self.stats.frame_rate, control_ranges)
         guided = not (isinstance(cfg_scale, int | float) and float(cfg_scale) == 1.0)
         negative = self.condition([negative_prompt]) if negative_prompt else None
         fn = self._sampler(sampler, int(steps), guided,
-                           float(strength) if x_init is not None else None, known is not None)
+                           float(strength) if x_init is not None else None, known is not None,
+                           values is not None)
+        params = self.params if values is None else {"base": self.params,
+                                                     "controlnet": self.controlnet.params}
         samples = int(round(float(seconds) * self.sample_rate))
         chunks = range(0, n, self.batch_size)
         chosen = range(len(chunks)) if batches is None else batches
@@ -325,9 +368,13 @@ class Generator:
                 uncond = {k: np.repeat(v, size, axis=0) for k, v in negative.items()}
             else:
                 uncond = conditioning.null_condition(cond)
-            latents = np.asarray(fn(self.params, noise, cond, uncond, jnp.float32(cfg_scale),
+            if values is not None:  # the same controls in both halves of the guided batch
+                both = {"controls": take(values), "control_mask": take(given)}
+                cond, uncond = {**cond, **both}, {**uncond, **both}
+            latents = np.asarray(fn(params, noise, cond, uncond, jnp.float32(cfg_scale),
                                     take(x_init), take(known), take(mask),
-                                    jax.random.key(seeds[begin])))[:rows]
+                                    jax.random.key(seeds[begin]),
+                                    jnp.float32(control_scale)))[:rows]
             z = self.stats.denormalize(latents, self.normalize)
             audio = self.codec.decode(z)[:, :samples]
             if audio.shape[1] < samples:
@@ -403,7 +450,8 @@ def text_to_audio(prompts: str | Sequence[str], *, workdir: str, seconds: float 
                   steps: int = 50, sampler: str = "dpmpp_2m", cfg_scale: float = 3.0,
                   negative_prompt: str | None = None, seed: int | Sequence[int] = 0,
                   init_audio=None, strength: float = 0.6, inpaint_audio=None,
-                  inpaint_start: float | None = None, inpaint_end: float | None = None
+                  inpaint_start: float | None = None, inpaint_end: float | None = None,
+                  controls=None, control_ranges=None, control_scale: float = 1.0
                   ) -> np.ndarray:
     """Generates audio for prompts with the chain trained in WORKDIR.
 
@@ -416,7 +464,8 @@ def text_to_audio(prompts: str | Sequence[str], *, workdir: str, seconds: float 
     return get_generator(workdir).generate(
         prompts, seconds=seconds, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
         negative_prompt=negative_prompt, seed=seed, init_audio=init_audio, strength=strength,
-        inpaint_audio=inpaint_audio, inpaint_start=inpaint_start, inpaint_end=inpaint_end)
+        inpaint_audio=inpaint_audio, inpaint_start=inpaint_start, inpaint_end=inpaint_end,
+        controls=controls, control_ranges=control_ranges, control_scale=control_scale)
 
 
 def write_samples(workdir: str, prompts: Sequence[str], *, seconds: float, seed: int = 0,

@@ -88,7 +88,7 @@ def ema_decay_at(step, decay: float):
     return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
-def loss_grads(state, batch, rng, part=(0, 1), *, cfg):
+def loss_grads(state, batch, rng, part=(0, 1), *, cfg, denoise=None):
     """The diffusion loss's gradients on a batch, or on part (i, k) of one: the rows i::k of a
     batch of k times its size, with the random draws (timesteps, noise, condition dropout) that
     those rows get in the whole batch, so that k parts averaged are the whole batch's step.
@@ -99,6 +99,10 @@ def loss_grads(state, batch, rng, part=(0, 1), *, cfg):
         "context": [B, L, C], "context_mask": bool [B, L], "pooled": [B, E]}.
       rng: base key, folded with the step.
       part: (i, k): which of k interleaved micro-batches BATCH is (`loop.accumulating_step`).
+      denoise: the model in place of the U-Net (a ControlNet's controlled U-Net):
+        `denoise(params, state, batch, x_t, t, context, context_mask, pooled, rngs=...,
+        draw=(key, b, pick)) -> prediction`, where `pick` takes this part's rows of a [b, ...]
+        draw made with `key`.
 
     Returns:
       (grads, metrics): loss (weighted), mse (unweighted), cond_drop (share of the batch
@@ -106,7 +110,7 @@ def loss_grads(state, batch, rng, part=(0, 1), *, cfg):
     """
     i, k = part
     d = diffusion_config(cfg)
-    unet = make_unet(cfg.model)
+    unet = make_unet(cfg.model) if denoise is None else None
     schedule = schedule_from_config(cfg)
     rng = jax.random.fold_in(rng, state["step"])
     r_t, r_noise, r_drop, r_dropout = jax.random.split(rng, 4)
@@ -116,8 +120,11 @@ def loss_grads(state, batch, rng, part=(0, 1), *, cfg):
     t = jax.random.randint(r_t, (b,), 0, schedule.num_train_timesteps)
     noise = jax.random.normal(r_noise, (b,) + x0.shape[1:], jnp.float32)
     keep = jax.random.uniform(r_drop, (b,)) >= d.cond_drop
+    def pick(v):
+        return loop.micro_rows(v, i, k) if k > 1 else v
+
+    t, noise, keep = pick(t), pick(noise), pick(keep)
     if k > 1:
-        t, noise, keep = (loop.micro_rows(v, i, k) for v in (t, noise, keep))
         r_dropout = jax.random.fold_in(r_dropout, i)
     x_t = schedules.add_noise(schedule, x0, noise, t)
     target = schedules.target(schedule, d.objective, x0, noise, t)
@@ -129,8 +136,13 @@ def loss_grads(state, batch, rng, part=(0, 1), *, cfg):
     frames = jnp.maximum(valid.sum(1), 1.0)
 
     def loss_fn(params):
-        out, _ = unet.apply({"params": params}, x_t, t, context, context_mask, pooled,
-                            train=True, rngs={"dropout": r_dropout})
+        if denoise is None:
+            out, _ = unet.apply({"params": params}, x_t, t, context, context_mask, pooled,
+                                train=True, rngs={"dropout": r_dropout})
+        else:
+            out = denoise(params, state, batch, x_t, t, context, context_mask, pooled,
+                          rngs={"dropout": r_dropout},
+                          draw=(jax.random.fold_in(rng, 1 << 20), b, pick))
         err = jnp.mean(jnp.square(out.astype(jnp.float32) - target), axis=-1)
         per_example = jnp.sum(err * valid, axis=1) / frames
         return jnp.mean(weight * per_example), jnp.mean(per_example)
@@ -141,13 +153,14 @@ def loss_grads(state, batch, rng, part=(0, 1), *, cfg):
 
 
 def apply_update(state, grads, metrics, *, cfg):
-    """One AdamW step from the (mean) gradients, and the EMA; adds grad_norm and lr."""
+    """One AdamW step from the (mean) gradients, and the EMA; adds grad_norm and lr. Other
+    entries of the state (a ControlNet's frozen `base`) pass through."""
     tx, lr_fn = make_optimizer(cfg)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     decay = ema_decay_at(state["step"], train_config(cfg).ema_decay)
     ema = loop.ema_update(state["ema_params"], params, decay)
-    new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
+    new_state = {**state, "step": state["step"] + 1, "params": params, "opt_state": opt_state,
                  "ema_params": ema}
     return new_state, {**metrics, "grad_norm": optax.global_norm(grads),
                        "lr": lr_fn(state["step"])}

@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import flax.linen as nn
@@ -141,6 +141,21 @@ class UNetConfig(Section):
         if self.attention_impl not in ATTENTION_IMPLS:
             raise DiffusionError(f"model.attention_impl {self.attention_impl!r} is not one of "
                                  f"{', '.join(ATTENTION_IMPLS)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Pass:
+    """One forward pass's shared pieces (`UNet._begin`): sizes, the valid-frame mask of each
+    level, and `res(features, name)(h, mask)` / `stage(h, level, name)` that build its blocks
+    conditioned on the pass's embedding and text keys."""
+
+    batch: int
+    frames: int
+    padded: int
+    masks: list
+    res: Callable
+    stage: Callable
+    kw: dict
 
 
 def _pin_batch(h: jax.Array) -> jax.Array:
@@ -323,21 +338,9 @@ class UNet(nn.Module):
                                 context.astype(self.dtype)], axis=1)
         return keys, jnp.pad(context_mask.astype(bool), ((0, 0), (1, 0)), constant_values=True)
 
-    @nn.compact
-    def __call__(self, x, t, context=None, context_mask=None, pooled=None, *, train=False):
-        """Predicts the diffusion target for noisy latents.
-
-        Args:
-          x: noisy latents [B, T, latent_channels]; any T >= 1.
-          t: timesteps [B] or a scalar, integer or float (continuous times are fine).
-          context: text states [B, L, context_dim], or None (unconditional).
-          context_mask: bool [B, L], True at real tokens; None means all real.
-          pooled: pooled text embedding [B, pooled_dim], or None (a zero embedding).
-          train: enables dropout (needs a `dropout` rng when model.dropout > 0).
-
-        Returns:
-          `(out, aux)`: out [B, T, latent_channels] in x's dtype; aux an empty dict.
-        """
+    def _begin(self, x, t, context, context_mask, pooled, train) -> _Pass:
+        """What every part of a pass reads: the masks of each level, the conditioning embedding,
+        the cross-attention keys and the block constructors (`_Pass`)."""
         self._check_inputs(x, t, context, context_mask, pooled)
         batch, frames, _ = x.shape
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -355,16 +358,6 @@ class UNet(nn.Module):
             policy = getattr(jax.checkpoint_policies, self.remat_policy)
             res_cls = nn.remat(ResBlock, policy=policy)
             stage_cls = nn.remat(AttentionStage, policy=policy)
-
-        def res(features, name):
-            block = res_cls(features, self.norm_groups, self.dropout, not train, name=name, **kw)
-            return lambda h, emb, mask: _pin_batch(block(h, emb, mask))
-
-        def stage(h, level, name):
-            mod = stage_cls(self._heads(h.shape[-1]), self.transformer_depth, self.mlp_ratio,
-                            self.context_dim > 0, self.norm_groups, self.dropout, not train,
-                            self.attention_impl, name=name, **kw)
-            return _pin_batch(mod(h, masks[level], keys, keys_mask))
 
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (batch,))
         emb = TimestepEmbedding(4 * self.base_channels, frequency_dim=self.base_channels,
@@ -390,34 +383,97 @@ class UNet(nn.Module):
         # around it and all-gathers the batch of every ResBlock's conditioning instead.
         emb = _pin_batch(emb)
 
-        h = jnp.pad(x.astype(self.dtype), ((0, 0), (0, padded - frames), (0, 0)))
-        h = h.reshape(batch, padded // p, p * self.latent_channels)
-        h = conv(self.base_channels, (3,), padding=1, name="conv_in", **kw)(h)
+        def res(features, name):
+            block = res_cls(features, self.norm_groups, self.dropout, not train, name=name, **kw)
+            return lambda h, mask: _pin_batch(block(h, emb, mask))
+
+        def stage(h, level, name):
+            mod = stage_cls(self._heads(h.shape[-1]), self.transformer_depth, self.mlp_ratio,
+                            self.context_dim > 0, self.norm_groups, self.dropout, not train,
+                            self.attention_impl, name=name, **kw)
+            return _pin_batch(mod(h, masks[level], keys, keys_mask))
+
+        return _Pass(batch=batch, frames=frames, padded=padded, masks=masks, res=res,
+                     stage=stage, kw=kw)
+
+    def _fold(self, run: _Pass, x: jax.Array) -> jax.Array:
+        """[B, T, C] -> [B, padded / p, p * C]: zero-padded at the end, patches in channels."""
+        h = jnp.pad(x.astype(self.dtype), ((0, 0), (0, run.padded - run.frames), (0, 0)))
+        return h.reshape(run.batch, run.padded // self.patch_size,
+                         self.patch_size * x.shape[-1])
+
+    def _encode(self, run: _Pass, x: jax.Array, hint: Callable | None = None):
+        """The input block, down path and middle: (middle output, skip outputs). `hint` maps
+        the input block's output to what is added to it (a ControlNet's control encoder)."""
+        h = conv(self.base_channels, (3,), padding=1, name="conv_in",
+                 **run.kw)(self._fold(run, x))
+        if hint is not None:
+            h = h + hint(h)
         skips = [h]
+        levels = len(self.channel_mult)
         for level, mult in enumerate(self.channel_mult):
             for i in range(self.num_res_blocks):
-                h = res(self.base_channels * mult, f"down_{level}_res_{i}")(h, emb, masks[level])
+                h = run.res(self.base_channels * mult, f"down_{level}_res_{i}")(h, run.masks[level])
                 if level in self.attention_levels:
-                    h = stage(h, level, f"down_{level}_attn_{i}")
+                    h = run.stage(h, level, f"down_{level}_attn_{i}")
                 skips.append(h)
             if level < levels - 1:
                 h = conv(h.shape[-1], (3,), strides=2, padding=1,
-                            name=f"down_{level}_downsample", **kw)(h)
-                h = _zero_invalid(h, masks[level + 1])
+                         name=f"down_{level}_downsample", **run.kw)(h)
+                h = _zero_invalid(h, run.masks[level + 1])
                 skips.append(h)
+        h = run.res(h.shape[-1], "mid_res_0")(h, run.masks[-1])
+        h = run.stage(h, levels - 1, "mid_attn")
+        h = run.res(h.shape[-1], "mid_res_1")(h, run.masks[-1])
+        return h, skips
 
-        width = h.shape[-1]
-        h = res(width, "mid_res_0")(h, emb, masks[-1])
-        h = stage(h, levels - 1, "mid_attn")
-        h = res(width, "mid_res_1")(h, emb, masks[-1])
+    def skip_levels(self) -> list[int]:
+        """The level of each skip output of the down path, in order (the last is the middle's
+        input level); `residuals` follow this order."""
+        out = [0]
+        for level in range(len(self.channel_mult)):
+            out += [level] * self.num_res_blocks
+            if level < len(self.channel_mult) - 1:
+                out.append(level + 1)
+        return out
+
+    @nn.compact
+    def __call__(self, x, t, context=None, context_mask=None, pooled=None, *, train=False,
+                 residuals=None):
+        """Predicts the diffusion target for noisy latents.
+
+        Args:
+          x: noisy latents [B, T, latent_channels]; any T >= 1.
+          t: timesteps [B] or a scalar, integer or float (continuous times are fine).
+          context: text states [B, L, context_dim], or None (unconditional).
+          context_mask: bool [B, L], True at real tokens; None means all real.
+          pooled: pooled text embedding [B, pooled_dim], or None (a zero embedding).
+          train: enables dropout (needs a `dropout` rng when model.dropout > 0).
+          residuals: None, or `(skips, middle)` from a ControlNet (`diffusion.controlnet`):
+            one array per skip output (shapes as `skip_levels` says) added to it before the up
+            path reads it, and one added to the middle block's output.
+
+        Returns:
+          `(out, aux)`: out [B, T, latent_channels] in x's dtype; aux an empty dict.
+        """
+        run = self._begin(x, t, context, context_mask, pooled, train)
+        masks, kw, levels = run.masks, run.kw, len(self.channel_mult)
+        h, skips = self._encode(run, x)
+        if residuals is not None:
+            extra, middle = residuals
+            if len(extra) != len(skips):
+                raise DiffusionError(f"{len(extra)} skip residuals for {len(skips)} skip "
+                                     "outputs: the ControlNet was built for another U-Net")
+            skips = [s + r.astype(s.dtype) for s, r in zip(skips, extra)]
+            h = h + middle.astype(h.dtype)
 
         for level in reversed(range(levels)):
             for i in range(self.num_res_blocks + 1):
                 h = _pin_batch(jnp.concatenate([h, skips.pop()], axis=-1))
-                h = res(self.base_channels * self.channel_mult[level],
-                        f"up_{level}_res_{i}")(h, emb, masks[level])
+                h = run.res(self.base_channels * self.channel_mult[level],
+                            f"up_{level}_res_{i}")(h, masks[level])
                 if level in self.attention_levels:
-                    h = stage(h, level, f"up_{level}_attn_{i}")
+                    h = run.stage(h, level, f"up_{level}_attn_{i}")
             if level > 0:
                 h = _zero_invalid(jnp.repeat(h, 2, axis=1), masks[level - 1])
                 h = conv(h.shape[-1], (3,), padding=1, name=f"up_{level}_upsample", **kw)(h)
@@ -425,10 +481,10 @@ class UNet(nn.Module):
 
         h = _zero_invalid(nn.silu(_group_norm("norm_out", self.norm_groups, h, masks[0], **kw)),
                           masks[0])
-        h = conv(p * self.latent_channels, (3,), padding=1,
+        h = conv(self.patch_size * self.latent_channels, (3,), padding=1,
                  kernel_init=nn.initializers.zeros, name="conv_out", **kw)(h)
-        h = h.reshape(batch, padded, self.latent_channels)
-        return h[:, :frames].astype(x.dtype), {}
+        h = h.reshape(run.batch, run.padded, self.latent_channels)
+        return h[:, :run.frames].astype(x.dtype), {}
 
 
 # The U-Nets of the embedded experiments: `ldm_tiny` (the defaults) and `ldm_base`, in the range

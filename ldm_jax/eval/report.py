@@ -22,6 +22,7 @@ STAGE_CURVES = {
     "codec": ["train/loss", "train/mel/loss", "train/disc/loss", "train/adv/gen_loss"],
     "clap": ["train/loss"],
     "ldm": ["train/loss"],
+    "controlnet": ["train/loss"],
 }
 EVAL_FILES = {"codec": "codec/eval.json", "clap": "clap/eval.json",
               "generation": "samples/eval.json"}
@@ -42,6 +43,34 @@ def _table(values: dict) -> str:
     rows = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{_fmt(v)}</td></tr>"
                    for k, v in values.items() if not isinstance(v, (dict, list)))
     return f"<table>{rows}</table>"
+
+
+CONTROL_METRICS = ("melody_accuracy", "dynamics_correlation", "beat_f1", "downbeat_f1",
+                   "fd_clap")
+
+
+def _controls_table(values: dict) -> str:
+    """The ControlNet evaluation as one row per condition (and clip half), one column per
+    metric: mean [95% interval] (N), and the codec's ceiling as the last row."""
+    labels = [k[:-len("/beat_f1")] for k in values if k.endswith("/beat_f1")
+              and not k.startswith(("ceiling", "p_value"))]
+    head = "".join(f"<th>{html.escape(m)}</th>" for m in CONTROL_METRICS)
+    rows = []
+    for label in labels + ["ceiling"]:
+        cells = []
+        for m in CONTROL_METRICS:
+            v = values.get(f"{label}/{m}")
+            ci, n = values.get(f"{label}/{m}/ci95"), values.get(f"{label}/{m}/n")
+            text = "" if v is None else _fmt(v)
+            if ci:
+                text += f" [{_fmt(ci[0])}, {_fmt(ci[1])}]"
+            if n is not None:
+                text += f" ({n})"
+            cells.append(f"<td>{text}</td>")
+        rows.append(f"<tr><td>{html.escape(label)}</td>{''.join(cells)}</tr>")
+    p_values = {k: v for k, v in values.items() if k.startswith("p_value/")}
+    return (f"<table><tr><th>condition</th>{head}</tr>{''.join(rows)}</table>"
+            + _table(p_values))
 
 
 def _fmt(v) -> str:
@@ -72,7 +101,7 @@ def write_report(workdir: str, evals: dict[str, str] | None = None) -> str:
     records = {n[:-5]: _load_json(os.path.join(stage_dir, n)) for n in names
                if n.endswith(".json")}
     order = ["data", "tokenizer", "codec", "codec_eval", "latents", "clap", "clap_eval", "ldm",
-             "samples", "generation_eval"]
+             "samples", "generation_eval", "controlnet", "controlnet_eval"]
     for name in sorted(records, key=lambda n: order.index(n) if n in order else len(order)):
         summary = (records[name] or {}).get("summary", {})
         parts.append(f"<h2>{html.escape(name)}</h2>{_table(summary)}")
@@ -87,7 +116,8 @@ def write_report(workdir: str, evals: dict[str, str] | None = None) -> str:
         values = _load_json(os.path.join(workdir, rel))
         if values:
             made_by[title] = values.pop("provenance", {}).get("commit")
-            parts.append(f"<h2>{title} metrics</h2>{_table(values)}")
+            table = _controls_table(values) if "control_inputs" in values else _table(values)
+            parts.append(f"<h2>{title} metrics</h2>{table}")
     parts.append(_samples_section(workdir, figures))
     record = provenance.record()
     made = {f"{title} evaluated at": commit for title, commit in made_by.items() if commit}

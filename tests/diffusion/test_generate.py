@@ -371,3 +371,90 @@ def test_export_writes_one_file_that_each_familys_load_reads(chain, tmp_path, ca
     assert cli.main(["export", os.path.join(w, "ldm"), "-o", str(tmp_path / "x.bin")]) == 2
     assert cli.main(["export", str(tmp_path), "-o", str(tmp_path / "y.msgpack")]) == 2
     assert "not a trained stage directory" in capsys.readouterr().err
+
+
+def test_controlnet_stage_trains_generates_from_controls_and_evaluates(chain, tmp_path, capsys):
+    """The ControlNet end to end on the random chain: controls of a synthetic build with
+    ground truth, 2 training steps, generation through the API and the CLI, the evaluation."""
+    from ldm_jax import cli
+    from ldm_jax.codec import latents as codec_latents
+    from ldm_jax.controls import controls_from_file
+    from ldm_jax.diffusion import controlnet
+    from ldm_jax.diffusion.config import ControlEvalConfig
+
+    w, _ = chain
+    data = ml_collections.ConfigDict(dict(name="synthetic_music", sample_rate=SR, channels=1,
+                                          clip_seconds=SECONDS, num_train=8, num_test=2,
+                                          seed=0, crop_seconds=0.16, shuffle_seed=0,
+                                          worker_count=0, worker_buffer_size=1, controls=True))
+    builders.build("synthetic_music", data, str(tmp_path / "data"), workers=1, progress=False)
+    codec_latents.encode_latents(w, data, str(tmp_path / "data"), str(tmp_path / "latents"),
+                                 progress=False)
+    for stage in ("codec", "clap", "ldm"):
+        os.symlink(os.path.join(w, stage), tmp_path / stage)
+    cfg = ml_collections.ConfigDict(dict(
+        model=dict(encoder_channels=(8,)), masks=dict(drop=0.3), features=dict(n_fft=512),
+        train=dict(steps=2, batch_size=8), data=data.to_dict(), log=dict(progress=False),
+        seed=0))
+    result = controlnet.train(cfg, workdir.layout(cfg, str(tmp_path)))
+    assert result.step == 2 and set(result.state) >= {"base", "params", "opt_state"}
+    loaded = controlnet.load_trained(str(tmp_path))
+    model, variables = controlnet.load(str(tmp_path))
+    assert model.controls == loaded.controls and jax.tree_util.tree_structure(
+        variables["params"]) == jax.tree_util.tree_structure(loaded.params)
+    assert loaded.controls == ("melody", "dynamics", "rhythm") and loaded.step == 2
+    assert loaded.features.frame_rate == 100.0 and loaded.features.n_fft == 512
+
+    gen = generate.Generator(str(tmp_path), batch_size=2)
+    ref = tmp_path / "ref.wav"
+    clip = builders.open_split(str(tmp_path / "data"), "synthetic_music", "test")[0]["audio"]
+    sf.write(ref, np.asarray(clip).reshape(-1), SR)
+    found = controls_from_file(ref, frame_rate=100.0)
+    plain = run(gen, CAPTIONS[:2])
+    scaled0 = run(gen, CAPTIONS[:2], controls={"melody": found}, control_scale=0.0)
+    np.testing.assert_allclose(scaled0, plain, rtol=1e-4, atol=1e-5)
+    given = run(gen, CAPTIONS[:2], controls={"melody": found, "rhythm": found},
+                control_ranges={"melody": (0.0, 0.16)})
+    assert given.shape == plain.shape and np.abs(given - plain).max() > 0
+    assert generate.text_to_audio(CAPTIONS[0], workdir=str(tmp_path), seconds=None, steps=2,
+                                  controls={"dynamics": found}).shape == (1, len(clip))
+
+    out = tmp_path / "out.wav"
+    base = ["generate", "--workdir", str(tmp_path), "a calm melody", "--steps", "2",
+            "-o", str(out)]
+    assert cli.main(base + ["--melody-from", str(ref), "--control-end", "0.2"]) == 0
+    assert sf.info(out).duration == pytest.approx(SECONDS, abs=0.01)
+    capsys.readouterr()
+    csv = tmp_path / "curve.csv"
+    csv.write_text("time,db\n0,-20\n0.1,-10\n")
+    for extra, message in ((["--melody-from", str(tmp_path / "none.wav")], "no such file"),
+                           (["--dynamics-curve", str(csv), "--seconds", str(SECONDS)],
+                            "covers 0.10 s but is asked for up to"),
+                           (["--rhythm-from", str(csv)], "gives no rhythm"),
+                           (["--control-scale", "2"], "need a control")):
+        assert cli.main(base + extra) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+
+    settings = ControlEvalConfig(num_prompts=2, steps=2, batch_size=2, bootstrap=10)
+    source = builders.open_split(str(tmp_path / "data"), "synthetic_music", "test")
+    scores = generation.evaluate_controls(str(tmp_path), source, settings, generator=gen,
+                                          ceiling={"codec/beat_f1": 0.5}, progress=False)
+    assert scores["num_clips"] == 2 and scores["controls"] == ["melody", "dynamics", "rhythm"]
+    for label in ("none", "melody", "dynamics", "rhythm", "all", "first_half",
+                  "first_half/first_half", "first_half/second_half"):
+        assert f"{label}/beat_f1" in scores and len(scores[f"{label}/beat_f1/ci95"]) == 2
+    assert np.isfinite(scores["all/fd_clap"]) and len(scores["none/fd_clap/ci95"]) == 2
+    assert 0 < scores["p_value/all_vs_none/beat_f1"] <= 1
+    assert "all/beat_f1/share_of_ceiling" in scores and "ceiling/melody_accuracy" not in scores
+
+
+def test_paired_p_value_and_frechet_interval():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=64)
+    assert generation.paired_p_value(a + 1.0, a, n=2000) < 0.001
+    assert generation.paired_p_value(a, a + 1.0, n=2000) > 0.99
+    assert generation.paired_p_value(a, a, n=100) == 1.0  # no difference: never above
+    emb = rng.normal(size=(64, 4))
+    low, high = generation.frechet_interval(emb, emb + 0.5, n=50)
+    assert low < generation.frechet_distance(emb, emb + 0.5) * 1.5 and low <= high
