@@ -358,7 +358,7 @@ TRAINERS = {"codec": ("ldm_jax.codec.train", "train/mel/loss", "mel_loss"),
             "clap": ("ldm_jax.clap.train", None, None),
             "ldm": ("ldm_jax.diffusion.train", "train/loss", "loss"),
             "judge": ("ldm_jax.judge.train", "train/loss", "loss"),
-            "controlnet": ("ldm_jax.diffusion.controlnet", "train/loss", "loss")}
+            "controlnet": ("ldm_jax.diffusion.controlnet_train", "train/loss", "loss")}
 
 
 def train_stage(name: str, cfg, layout_):

@@ -9,7 +9,7 @@ import pytest
 
 from ldm_jax import config as config_lib
 from ldm_jax import loop, parallel
-from ldm_jax.diffusion import controlnet
+from ldm_jax.diffusion import controlnet, controlnet_train
 from ldm_jax.diffusion.schedules import DiffusionError
 from ldm_jax.diffusion.unet import init_variables
 
@@ -38,7 +38,7 @@ def stage_config(*overrides):
         for p in parents:
             node = node[p]
         node[leaf] = type(node[leaf])(value)
-    return controlnet.merged_config(cfg, base_config())
+    return controlnet_train.merged_config(cfg, base_config())
 
 
 def random_like(tree, seed, std=0.1):
@@ -161,7 +161,7 @@ def task_and_state():
     cfg = stage_config()
     unet = controlnet.base_unet(cfg)
     base = random_like(init_variables(unet, jax.random.key(0))["params"], seed=1)
-    task = controlnet.training_task(cfg, base)
+    task = controlnet_train.training_task(cfg, base)
     boxed = jax.eval_shape(task.init, jax.random.key(0))
     state = jax.jit(lambda r: nn.meta.unbox(task.init(r)))(jax.random.key(0))
     state = dict(state)

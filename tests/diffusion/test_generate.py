@@ -379,7 +379,7 @@ def test_controlnet_stage_trains_generates_from_controls_and_evaluates(chain, tm
     from ldm_jax import cli
     from ldm_jax.codec import latents as codec_latents
     from ldm_jax.controls import controls_from_file
-    from ldm_jax.diffusion import controlnet
+    from ldm_jax.diffusion import controlnet, controlnet_train
     from ldm_jax.diffusion.config import ControlEvalConfig
 
     w, _ = chain
@@ -396,7 +396,7 @@ def test_controlnet_stage_trains_generates_from_controls_and_evaluates(chain, tm
         model=dict(encoder_channels=(8,)), masks=dict(drop=0.3), features=dict(n_fft=512),
         train=dict(steps=2, batch_size=8), data=data.to_dict(), log=dict(progress=False),
         seed=0))
-    result = controlnet.train(cfg, workdir.layout(cfg, str(tmp_path)))
+    result = controlnet_train.train(cfg, workdir.layout(cfg, str(tmp_path)))
     assert result.step == 2 and set(result.state) >= {"base", "params", "opt_state"}
     loaded = controlnet.load_trained(str(tmp_path))
     model, variables = controlnet.load(str(tmp_path))
