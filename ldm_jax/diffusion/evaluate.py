@@ -28,7 +28,7 @@ import numpy as np
 
 from ldm_jax import parallel, paths, provenance
 from ldm_jax.eval import music
-from ldm_jax.eval.metrics import clap_score, frechet_distance
+from ldm_jax.eval.metrics import clap_score, frechet_distance, novelty
 
 ATTRIBUTES = ("key", "mode", "tempo_bpm", "loudness", "loudness_db", "instrument", "pattern")
 
@@ -135,7 +135,21 @@ def _generated_scores(gen, params, prompts, references, real_emb, text_emb, sett
     finally:
         gen.params = trained
     return {"fd_clap": frechet_distance(real_emb, emb), "clap_score": clap_score(emb, text_emb),
-            **music.adherence(analyses, references), "analyses": analyses}
+            **music.adherence(analyses, references), "analyses": analyses, "embeddings": emb}
+
+
+def _embeddings(gen, clips: list, sample_rate: int) -> np.ndarray:
+    """CLAP audio embeddings [N, E] of CLIPS, in batches shared among the hosts."""
+    def batch(rows: range):
+        return gen.clap.embed_audio(_mono([clips[i] for i in rows]), sample_rate=sample_rate)
+    return np.concatenate(parallel.map_batches(batch, len(clips), gen.batch_size))
+
+
+def _novelty_scores(prefix: str, found: dict) -> dict:
+    out = {f"{prefix}/mean": found["mean"], f"{prefix}/quantiles": found["quantiles"],
+           f"{prefix}/max_similarity": found["max_similarity"]}
+    out.update({f"{prefix}/{k}": v for k, v in found.items() if k.startswith("above_")})
+    return out
 
 
 def _judge(workdir: str):
@@ -162,7 +176,7 @@ def evaluate_generation(workdir: str, data_dir_or_latents: str, *, num_prompts: 
                         sampler: str = "dpmpp_2m", cfg_scale: float = 3.0, seed: int = 0,
                         batch_size: int = 8, split: str = "test", generator=None,
                         untrained: bool = True, out_path: str | None = None,
-                        progress: bool = True) -> dict:
+                        progress: bool = True, novelty_clips: int = 512) -> dict:
     """Generates audio for test prompts and scores it.
 
     Args:
@@ -178,6 +192,8 @@ def evaluate_generation(workdir: str, data_dir_or_latents: str, *, num_prompts: 
       untrained: also score the U-Net at initialisation (seeded with `seed`) as a baseline.
       out_path: also write the result there as JSON (e.g. W/samples/eval.json).
       progress: show progress bars (on process 0).
+      novelty_clips: training clips (the first of the train split) that MusicLDM's novelty
+        measure compares every generated clip with; 0 skips it.
 
     Returns:
       Flat dict, the same on every host: settings; `fd_clap` (real vs generated CLAP audio
@@ -190,7 +206,10 @@ def evaluate_generation(workdir: str, data_dir_or_latents: str, *, num_prompts: 
       `untrained/fd_clap`, `untrained/clap_score` and the untrained model's adherence
       (`untrained/key_accuracy`...). Where W holds a trained attribute judge (W/judge), every
       group also has `judge_instrument_accuracy`: instrument adherence judged independently
-      of CLAP.
+      of CLAP. `novelty/...`: each generated clip's highest CLAP audio-audio cosine
+      similarity to a training clip (`max_similarity` per clip, its `mean` and `quantiles`, and
+      the share `above_0.9` and `above_0.95`; an exact copy scores 1), with the same for the
+      real test clips under `novelty_real/...` as the reference of clips never trained on.
     """
     from ldm_jax.diffusion import generate
 
@@ -212,6 +231,7 @@ def evaluate_generation(workdir: str, data_dir_or_latents: str, *, num_prompts: 
                               real_emb=real_emb, text_emb=text_emb, settings=settings,
                               judge=judge)
     generated = score(gen.params, desc="analyse generated")
+    generated_emb = generated.pop("embeddings")
     shuffled, p_values = music.shuffled(generated.pop("analyses"), references, seed=seed)
     result = {"num_prompts": len(prompts), "seconds": float(seconds), "steps": int(steps),
               "sampler": sampler, "cfg_scale": float(cfg_scale),
@@ -224,9 +244,17 @@ def evaluate_generation(workdir: str, data_dir_or_latents: str, *, num_prompts: 
     result.update({f"chance/{k}": v for k, v in music.chance(references).items()})
     result.update({f"shuffled/{k}": v for k, v in shuffled.items()})
     result.update({f"p_value/{k}": v for k, v in p_values.items()})
+    if novelty_clips:
+        train = load_prompts(data_dir_or_latents, num_prompts=novelty_clips, split="train",
+                             decode=gen.decode_latents)
+        train_emb = _embeddings(gen, train["audio"], train["sample_rate"])
+        result["novelty_clips"] = len(train_emb)
+        result.update(_novelty_scores("novelty", novelty(generated_emb, train_emb)))
+        result.update(_novelty_scores("novelty_real", novelty(real_emb, train_emb)))
     if untrained:
         baseline = score(_initial_params(gen, seed), desc="analyse untrained")
         baseline.pop("analyses")
+        baseline.pop("embeddings")
         result.update({f"untrained/{k}": v for k, v in baseline.items()
                        if not k.startswith("n_")})
     if out_path and parallel.is_leader():

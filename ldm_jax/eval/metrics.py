@@ -48,3 +48,27 @@ def clap_score(audio_embeddings: np.ndarray, text_embeddings: np.ndarray) -> flo
     a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
     t = t / np.maximum(np.linalg.norm(t, axis=1, keepdims=True), 1e-12)
     return float(np.mean(np.sum(a * t, axis=1)))
+
+
+def novelty(generated: np.ndarray, training: np.ndarray,
+            thresholds: tuple[float, ...] = (0.9, 0.95)) -> dict:
+    """MusicLDM's novelty measure: for each generated clip, its highest cosine similarity to
+    any training clip (CLAP audio embeddings [N, E] and [M, E]); an exact copy of a training
+    clip scores 1.
+
+    Returns:
+      {"max_similarity": per-clip list, "mean", "quantiles": {5, 25, 50, 75, 95},
+       "above_T": the share of clips above each threshold T}.
+    """
+    g = np.asarray(generated, np.float64)
+    t = np.asarray(training, np.float64)
+    if g.ndim != 2 or t.ndim != 2 or g.shape[1] != t.shape[1] or not len(g) or not len(t):
+        raise ValueError(f"novelty needs [N, E] and [M, E] embeddings of one width, got "
+                         f"{g.shape} and {t.shape}")
+    g = g / np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-12)
+    t = t / np.maximum(np.linalg.norm(t, axis=1, keepdims=True), 1e-12)
+    best = (g @ t.T).max(axis=1)
+    q = np.quantile(best, [0.05, 0.25, 0.5, 0.75, 0.95])
+    return {"max_similarity": [float(x) for x in best], "mean": float(best.mean()),
+            "quantiles": {str(p): float(v) for p, v in zip((5, 25, 50, 75, 95), q)},
+            **{f"above_{th:g}": float(np.mean(best > th)) for th in thresholds}}

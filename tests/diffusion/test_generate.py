@@ -190,7 +190,7 @@ def test_write_samples_and_text_to_audio(chain, tmp_path):
 def test_evaluation_scores_generated_against_real_clips(chain, tmp_path):
     w, gen = chain
     data = ml_collections.ConfigDict(dict(name="synthetic_music", sample_rate=SR, channels=1,
-                                          clip_seconds=SECONDS, num_train=1, num_test=4,
+                                          clip_seconds=SECONDS, num_train=2, num_test=4,
                                           seed=0))
     builders.build("synthetic_music", data, str(tmp_path), workers=1, progress=False)
     out = tmp_path / "eval.json"
@@ -221,6 +221,27 @@ def test_evaluation_scores_generated_against_real_clips(chain, tmp_path):
             value = result[f"{prefix}/{metric}"]
             assert np.isnan(value) or 0 <= value <= 1
     assert json.load(open(out))["num_prompts"] == 2
+    # MusicLDM's novelty: every generated clip against the training clips.
+    assert result["novelty_clips"] >= 2 and len(result["novelty/max_similarity"]) == 2
+    assert -1 <= result["novelty/mean"] <= 1 and 0 <= result["novelty/above_0.95"] <= 1
+    assert "novelty_real/above_0.9" in result
+
+
+def test_novelty_flags_an_exact_copy_and_not_noise():
+    from ldm_jax.eval.metrics import novelty
+
+    rng = np.random.default_rng(0)
+    train = rng.normal(size=(50, 16))
+    copies = novelty(train[:5] * 3.0, train)  # a copy at another level is still a copy
+    np.testing.assert_allclose(copies["max_similarity"], 1.0, atol=1e-12)
+    assert copies["above_0.95"] == 1.0 and copies["above_0.9"] == 1.0
+    noise = novelty(rng.normal(size=(40, 16)), train)
+    assert noise["above_0.9"] == 0.0 and noise["mean"] < 0.8
+    mixed = novelty(np.concatenate([train[:1], rng.normal(size=(3, 16))]), train)
+    assert mixed["above_0.95"] == 0.25 and set(mixed["quantiles"]) == {"5", "25", "50", "75",
+                                                                         "95"}
+    with pytest.raises(ValueError, match="one width"):
+        novelty(train[:, :4], train)
 
 
 def test_training_media_draws_the_configured_prompts(chain):
