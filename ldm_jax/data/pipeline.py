@@ -68,6 +68,7 @@ class _Prepare:
                 continue
             x = self._signal(value)
             length = x.shape[0] if self.crop_length is None else self.crop_length
+            start = 0
             if x.shape[0] > length:
                 room = x.shape[0] - length
                 start = int(rng.integers(0, room + 1)) if rng is not None else room // 2
@@ -79,6 +80,7 @@ class _Prepare:
             mask = np.zeros(length, bool)
             mask[:valid] = True
             out[f"{key}_length"] = np.int32(valid)
+            out[f"{key}_start"] = np.int32(start)
             out[f"{key}_mask"] = mask
         return out
 
@@ -143,7 +145,8 @@ def make_dataset(source, data_cfg, *, batch_size: int, seed: int | None = None,
     Returns:
       An IterDataset of dicts: `crop_key` float32 [B, T, C] (`audio` gets data.channels
       channels), `{crop_key}_mask` bool [B, T] (True on real samples), `{crop_key}_length`
-      int32 [B], and the other fields stacked [B, ...] (text as a numpy str array).
+      int32 [B], `{crop_key}_start` int32 [B] (the crop's first frame in the clip), and the
+      other fields stacked [B, ...] (text as a numpy str array).
 
     Raises:
       DataError: the source is empty or lacks a field, or a finite training run leaves this

@@ -75,6 +75,9 @@ class TrainConfig(Section):
     ema_decay: float = 0.999
     condition_on_audio: bool = False  # MusicLDM: train on CLAP audio embeddings
     text_layer: int = -1  # CLAP text layer the U-Net's context is taken from
+    mixup: float = 0.0  # MusicLDM's beat-synchronous latent mixup: share of examples mixed
+    mixup_tempo_tolerance: float = 0.05  # partners' tempos within this share of the clip's
+    mixup_beta: float = 5.0  # the mixing weight ~ Beta(mixup_beta, mixup_beta)
 
     def __post_init__(self):
         if self.lr_schedule not in LR_SCHEDULES:
@@ -88,6 +91,13 @@ class TrainConfig(Section):
                                  f"and divide train.batch_size={self.batch_size}")
         if not 0.0 <= self.ema_decay <= 1.0:
             raise DiffusionError(f"train.ema_decay={self.ema_decay} must be in [0, 1]")
+        if not 0.0 <= self.mixup <= 1.0 or self.mixup_tempo_tolerance < 0 or \
+                self.mixup_beta <= 0:
+            raise DiffusionError("train.mixup must be in [0, 1], train.mixup_tempo_tolerance "
+                                 ">= 0 and train.mixup_beta > 0")
+        if self.mixup and not self.condition_on_audio:
+            raise DiffusionError("train.mixup conditions a mix on its CLAP audio embedding: set "
+                                 "train.condition_on_audio=True")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -179,8 +179,12 @@ def train_step(state, batch, rng, *, cfg):
 class Prepare:
     """Host side: latents scaled and masked, captions (or clip embeddings) to CLAP conditions."""
 
-    def __init__(self, cfg, clap_model, scale):
+    def __init__(self, cfg, clap_model, scale, *, mixer=None, codec=None):
         self.clap = clap_model
+        self.mixer, self.codec = mixer, codec
+        if mixer is not None and (codec is None or not hasattr(scale, "denormalize")):
+            raise DiffusionError("train.mixup decodes each mix: it needs the trained codec and "
+                                 "the latent statistics")
         self.scale = scale
         self.normalize = diffusion_config(cfg).normalize
         self.mode = conditioning_mode(cfg)
@@ -202,13 +206,22 @@ class Prepare:
             if "clap_audio" not in batch:
                 raise DiffusionError("train.condition_on_audio needs a 'clap_audio' field in "
                                      "the batch (train() adds the clips' CLAP audio embeddings)")
-            cond = embedding_condition(batch["clap_audio"])
+            embeddings = np.asarray(batch["clap_audio"], np.float32)
+            if self.mixer is not None:
+                x, mask, mixed, _ = self.mixer(x, mask, batch["index"], batch["latents_start"])
+                if mixed.any():  # a mix is conditioned on the CLAP embedding of its sound
+                    embeddings = embeddings.copy()
+                    audio = self.codec.decode(self.scale.denormalize(x[mixed], self.normalize))
+                    embeddings[mixed] = self.clap.embed_audio(
+                        list(audio.mean(axis=-1)), sample_rate=self.codec.sample_rate)
+            cond = embedding_condition(embeddings)
         else:
             cond = text_condition(self.clap, list(batch["caption"]), self.mode, self.text_layer)
         return {"latents": x, "latents_mask": mask, **cond}
 
 
-def make_task(cfg, clap_model, scale, *, codec=None, media_prompts=None) -> loop.Task:
+def make_task(cfg, clap_model, scale, *, codec=None, media_prompts=None,
+              mixer=None) -> loop.Task:
     """The latent diffusion stage for `loop.train`.
 
     Args:
@@ -219,6 +232,7 @@ def make_task(cfg, clap_model, scale, *, codec=None, media_prompts=None) -> loop
       codec: a `LoadedCodec`; with it and `media_prompts`, `media` generates audio.
       media_prompts: prompts sampled for TensorBoard every `log.audio_every_steps`
         (default: the first two of `generation.prompts`).
+      mixer: a `mixup.Mixer` (train.mixup; needs `codec`).
 
     Returns:
       A loop.Task with state {"step", "params", "opt_state", "ema_params"}.
@@ -246,7 +260,7 @@ def make_task(cfg, clap_model, scale, *, codec=None, media_prompts=None) -> loop
                      grads=functools.partial(loss_grads, cfg=cfg),
                      apply=functools.partial(apply_update, cfg=cfg),
                      model_config=UNetConfig.from_dict(cfg.model),
-                     prepare=Prepare(cfg, clap_model, scale),
+                     prepare=Prepare(cfg, clap_model, scale, mixer=mixer, codec=codec),
                      media=media)
 
 
@@ -289,16 +303,32 @@ def train(cfg, layout) -> loop.TrainResult:
     stage_dir = layout.stage("ldm")
     source = builders.open_split(latents_dir, latents.NAME, "train")
     fields = ["latents", "caption"]
-    if train_config(cfg).condition_on_audio:
+    t = train_config(cfg)
+    split = source
+    if t.condition_on_audio:
         source = WithEmbeddings(source, clip_embeddings(
             clap_model, source, latents_dir, os.path.join(stage_dir, "clap_audio_train.npy")))
         fields.append("clap_audio")
+    mixer = codec = None
+    if t.mixup:
+        from ldm_jax.codec import inference
+        from ldm_jax.controls import FeatureConfig
+        from ldm_jax.diffusion import mixup
+        codec = inference.load_trained(layout.stage("codec"))
+        features = FeatureConfig(sample_rate=codec.sample_rate, frame_rate=stats.frame_rate)
+        rhythm = mixup.clip_rhythm(split, latents_dir, features,
+                                   os.path.join(stage_dir, "rhythm_train.npz"))
+        scaler = Prepare(cfg, clap_model, stats)
+        mixer = mixup.Mixer(split, rhythm, scaler.scale_latents, stats.frame_rate,
+                            probability=t.mixup, tolerance=t.mixup_tempo_tolerance,
+                            beta=t.mixup_beta, seed=int(cfg.get("seed", 0)))
+        source = mixup.WithIndex(source)
+        fields.append("index")
     iterator = pipeline.make_iterator(
         source, cfg.data, batch_size=parallel.per_host_batch(int(cfg.train.batch_size), mesh),
         seed=int(cfg.data.shuffle_seed), fields=fields, crop_key="latents",
         rate=stats.frame_rate)
-    codec = None
-    if cfg.log.get("audio_every_steps", 0):
+    if codec is None and cfg.log.get("audio_every_steps", 0):
         from ldm_jax.checkpoint import CheckpointError
         from ldm_jax.codec import inference
         try:
@@ -306,7 +336,7 @@ def train(cfg, layout) -> loop.TrainResult:
         except CheckpointError:
             logging.warning("ldm: no codec in %s; TensorBoard gets no audio samples",
                             layout.stage("codec"))
-    task = make_task(cfg, clap_model, stats, codec=codec)
+    task = make_task(cfg, clap_model, stats, codec=codec, mixer=mixer)
     save_run_files(cfg, stage_dir, stats, latent)
     return loop.train(task, iterator, workdir=stage_dir, num_steps=int(cfg.train.steps),
                       grad_accum_steps=train_config(cfg).grad_accum_steps,

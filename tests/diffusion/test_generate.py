@@ -296,6 +296,26 @@ def test_stage_trains_from_latents_and_generates(chain, tmp_path):
     assert prepared["context"].shape == (4, 1, 16)
     assert {tuple(row) for row in np.round(prepared["pooled"], 5)} <= \
         {tuple(row) for row in np.round(emb, 5)}
+    # MusicLDM's mixup: a mixed row is conditioned on the CLAP embedding of the decoded mix.
+    from ldm_jax.diffusion import mixup
+    rhythm = {"tempo": [120.0] * len(source),
+              "downbeats": [np.array([0.0, 0.08, 0.16, 0.24])] * len(source)}
+    plain_prepare = ldm_train.Prepare(audio_cfg, gen.clap, gen.stats)
+    mixer = mixup.Mixer(source, rhythm, plain_prepare.scale_latents, 100.0, probability=1.0,
+                        tolerance=0.05, beta=5.0, seed=0)
+    indexed = next(pipeline.make_iterator(
+        mixup.WithIndex(conditioning.WithEmbeddings(source, emb)), data, batch_size=4,
+        crop_key="latents", rate=100.0,
+        fields=("latents", "caption", "clap_audio", "index")))
+    mixed = ldm_train.Prepare(audio_cfg, gen.clap, gen.stats, mixer=mixer,
+                              codec=gen.codec)(indexed)
+    plain = plain_prepare(indexed)
+    changed = np.abs(mixed["latents"] - plain["latents"]).max(axis=(1, 2)) > 1e-6
+    assert changed.any()
+    moved = np.abs(mixed["pooled"] - plain["pooled"]).max(axis=1) > 1e-5
+    np.testing.assert_array_equal(moved, changed)
+    with pytest.raises(DiffusionError, match="needs the trained codec"):
+        ldm_train.Prepare(audio_cfg, gen.clap, gen.stats, mixer=mixer)
     cfg = ldm_config()
     with cfg.unlocked():
         cfg.data = data
