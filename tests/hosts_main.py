@@ -12,6 +12,8 @@ that would hang on several hosts is cut by the test's timeout. The checks:
   (`checkpoint.read_state`) while the others wait at a barrier;
 - `chain`: stages whose completeness each host would judge differently are skipped or run by
   all of them alike, because process 0 decides;
+- `controlnet`: a ControlNet trained by the loop over a frozen U-Net, both FSDP-sharded over
+  the hosts (the U-Net's values placed by the Task's warm start), against one host's run;
 - `clap_eval`: CLAP trained by the loop, evaluated at the end on parameters that span the
   hosts (the evaluation that failed on two hosts), against the same evaluation of the
   gathered parameters; and an evaluation that reads a sharded parameter without gathering
@@ -224,6 +226,63 @@ def check_unguarded_evaluation(workdir: str) -> list:
     return []
 
 
+def controlnet_batches(rows=slice(None)):
+    """Two global batches of 8 for the ControlNet (ROWS: this host's share)."""
+    import numpy as np
+    out = []
+    for i in range(2):
+        rng = np.random.default_rng(10 + i)
+        mask = np.ones((8, 16), bool)
+        mask[0, 8:] = False
+        batch = {"latents": rng.normal(size=(8, 16, 8)).astype(np.float32) * mask[..., None],
+                 "latents_mask": mask,
+                 "context": rng.normal(size=(8, 6, 32)).astype(np.float32),
+                 "context_mask": np.arange(6)[None] < rng.integers(1, 6, (8, 1)),
+                 "pooled": rng.normal(size=(8, 16)).astype(np.float32),
+                 "controls": rng.normal(size=(8, 16, 15)).astype(np.float32)}
+        out.append({k: v[rows] for k, v in batch.items()})
+    return out
+
+
+def controlnet_run(workdir: str) -> dict:
+    """Two ControlNet steps through the loop on an FSDP mesh over every device; returns the
+    losses and the norm of the trained parameters (gathered)."""
+    import jax
+    import ml_collections
+    import numpy as np
+
+    from ldm_jax import config as config_lib
+    from ldm_jax import parallel
+    from ldm_jax.diffusion import controlnet, controlnet_train
+    from ldm_jax.diffusion.unet import init_variables
+    from ldm_jax.loop import train
+
+    base_cfg = config_lib.get_config("ldm_tiny", [
+        "model.latent_channels=8", "model.base_channels=16", "model.channel_mult=(1,2)",
+        "model.attention_levels=(1,)", "model.num_heads=2", "model.norm_groups=8",
+        "model.context_dim=32", "model.pooled_dim=16", "diffusion.num_train_timesteps=100"])
+    cfg = controlnet_train.merged_config(ml_collections.ConfigDict({
+        "model": {"encoder_channels": (8,)}, "masks": {},
+        "train": {"steps": 2, "batch_size": 8, "lr": 1e-3, "eps": 1e-2}}), base_cfg)
+    unet = controlnet.base_unet(cfg)
+    shapes = jax.eval_shape(lambda r: init_variables(unet, r)["params"], jax.random.key(0))
+    rng = np.random.default_rng(1)
+    base = jax.tree_util.tree_map(
+        lambda a: (rng.normal(size=a.shape) * 0.1).astype(np.float32), shapes)
+    task = controlnet_train.training_task(cfg, base)
+    hosts, me = jax.process_count(), jax.process_index()
+    share = 8 // hosts
+    batches = iter(controlnet_batches(slice(me * share, (me + 1) * share)))
+    result = train(task, batches, workdir=os.path.join(workdir, "controlnet"), num_steps=2,
+                   mesh=parallel.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}),
+                   checkpoint_cfg={"every_steps": 0},
+                   log_cfg={"progress": False, "every_steps": 1})
+    params = parallel.host_local(result.state["params"])
+    return {"losses": [r["train/loss"] for r in result.history if "train/loss" in r],
+            "norm": float(np.sqrt(sum(np.sum(np.square(np.asarray(x), dtype=np.float64))
+                                      for x in jax.tree_util.tree_leaves(params))))}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
@@ -239,6 +298,7 @@ def main(argv=None) -> int:
               "leader": check_leader(args.workdir), "read": check_read(args.workdir),
               "chain": check_chain(args.workdir), "clap_eval": check_clap_eval(args.workdir),
               "controls_eval": check_controls_eval(args.workdir),
+              "controlnet": controlnet_run(args.workdir),
               "unguarded": check_unguarded_evaluation(args.workdir)}
     with open(os.path.join(args.out, f"host{jax.process_index()}.json"), "w") as f:
         json.dump(result, f, default=str)

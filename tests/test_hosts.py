@@ -98,6 +98,18 @@ def test_control_scores_are_shared_among_hosts_and_equal_one_hosts(two_hosts):
         np.testing.assert_allclose(got["mean"], alone[metric]["mean"], rtol=1e-5)
 
 
+def test_controlnet_trains_on_two_hosts_as_on_one(two_hosts, tmp_path):
+    hosts_main = importlib.util.module_from_spec(
+        importlib.util.spec_from_file_location("hosts_main", os.path.join(HERE,
+                                                                         "hosts_main.py")))
+    hosts_main.__spec__.loader.exec_module(hosts_main)
+    alone = hosts_main.controlnet_run(str(tmp_path))
+    assert two_hosts[0]["controlnet"] == two_hosts[1]["controlnet"]
+    assert len(alone["losses"]) == 2
+    np.testing.assert_allclose(two_hosts[0]["controlnet"]["losses"], alone["losses"], rtol=1e-4)
+    np.testing.assert_allclose(two_hosts[0]["controlnet"]["norm"], alone["norm"], rtol=1e-4)
+
+
 def test_an_evaluation_that_reads_arrays_spanning_hosts_says_so(two_hosts):
     for host in two_hosts:
         kind, message = host["unguarded"]
