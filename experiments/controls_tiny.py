@@ -10,7 +10,9 @@ controls extracted from the real test clips and from their codec reconstructions
 ground truth (`codec/controls.json`): the ceiling of every controlled generator on this data.
 The attribute judge (`judge`) is trained on the labels and scored on real and
 codec-reconstructed test clips (`judge/eval.json`); the generation evaluation then reports
-instrument adherence judged by it.
+instrument adherence judged by it. Music ControlNet (`controlnet`) trains on the trained U-Net
+for 800 steps on the controls extracted from the training clips; `controlnet_eval` scores its
+adherence to the ground-truth controls of 32 test clips (`controlnet/eval.json`).
 """
 
 import dataclasses
