@@ -6,9 +6,10 @@ BLM variant): for an example chosen with probability `train.mixup`, a partner is
 training clips whose tempo is within `train.mixup_tempo_tolerance` (relative) of its own; the
 partner's latents are read from the window whose downbeat lands on the example's first downbeat
 (`align_offset`), and the two are mixed as `z = lam z1 + (1 - lam) z2` with `lam ~ Beta(a, a)`
-(`train.mixup_beta`, 5 in MusicLDM). The mix is decoded by the codec and its CLAP audio
-embedding conditions the U-Net (`train.condition_on_audio`: MusicLDM's audio-embedding
-training, in which a mix needs no caption).
+(`train.mixup_beta`, 5 in MusicLDM) where the shifted partner has frames (at least half the
+window, else the example stays unmixed); elsewhere the example is kept. The mix is decoded by
+the codec and its CLAP audio embedding conditions the U-Net (`train.condition_on_audio`:
+MusicLDM's audio-embedding training, in which a mix needs no caption).
 
 Tempo and downbeats of every training clip come from the controls package's beat tracker run
 once on the source audio and cached beside the checkpoints. The draws of a batch are seeded by
@@ -46,22 +47,19 @@ def tempo_partners(tempos: Sequence[float], tolerance: float) -> list[np.ndarray
     return [np.flatnonzero(row) for row in close]
 
 
-def align_offset(downbeat: float, partner_downbeats: np.ndarray, frame_rate: float,
-                 length: int, partner_frames: int) -> int | None:
-    """The first latent frame of the partner's window of LENGTH frames whose downbeat falls on
-    the example's DOWNBEAT (seconds from its window's start), or None when no downbeat of the
-    partner allows a window inside it.
+def align_offset(downbeat: float, partner_downbeats: np.ndarray, frame_rate: float
+                 ) -> int | None:
+    """The partner's latent frame at which a window starts whose downbeat falls on the
+    example's DOWNBEAT (seconds from its window's start): of the partner's downbeats, the one
+    needing the smallest shift (the window may reach past either end of the partner). None
+    when the partner has no downbeat.
 
     The partner downbeat at `d` lands at `d - offset / frame_rate` in the window: the offset is
     `round((d - downbeat) * frame_rate)`, so the two coincide within half a frame.
     """
-    room = partner_frames - length
-    best = None
-    for d in np.asarray(partner_downbeats, np.float64):
-        offset = int(round((d - downbeat) * frame_rate))
-        if 0 <= offset <= room and (best is None or offset < best):
-            best = offset
-    return best
+    offsets = [int(round((d - downbeat) * frame_rate))
+               for d in np.asarray(partner_downbeats, np.float64)]
+    return min(offsets, key=abs) if offsets else None
 
 
 def clip_rhythm(source, latents_dir: str, features, cache: str, *, progress: bool = True
@@ -151,14 +149,18 @@ class Mixer:
             if not own.size:
                 continue
             z = np.asarray(self.source[j]["latents"], np.float32)
-            offset = align_offset(float(own[0]), self.downbeats[j], self.rate, length,
-                                  z.shape[0])
+            offset = align_offset(float(own[0]), self.downbeats[j], self.rate)
             if offset is None:
                 continue
+            frames = offset + np.arange(length)
+            inside = (frames >= 0) & (frames < z.shape[0])
+            if inside.mean() < 0.5:
+                continue
+            window = np.zeros((length, z.shape[1]), np.float32)
+            window[inside] = self.scale(z[frames[inside]])
             lam[row] = rng.beta(self.beta, self.beta)
-            window = self.scale(z[offset:offset + length])
-            out[row] = lam[row] * latents[row] + (1.0 - lam[row]) * window
-            out[row] *= mask[row][:, None]
+            mix = lam[row] * latents[row] + (1.0 - lam[row]) * window
+            out[row] = np.where(inside[:, None], mix, latents[row]) * mask[row][:, None]
             partner[row], offsets[row], mixed[row] = j, offset, True
         return out, out_mask, mixed, {"lam": lam, "partner": partner, "offset": offsets}
 

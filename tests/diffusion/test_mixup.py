@@ -49,13 +49,27 @@ def test_paired_downbeats_coincide_within_a_frame():
             j, offset = info["partner"][r], info["offset"][r]
             landed = rhythm["downbeats"][j] * RATE - offset
             assert np.min(np.abs(landed - own)) <= 1.0  # within one latent frame
-            # The window really is the partner's frames from the offset, weighted 1 - lam.
+            # Where the shifted partner has frames, the mix is lam z1 + (1 - lam) z2; elsewhere
+            # the example is kept.
             lam = info["lam"][r]
-            np.testing.assert_allclose(
-                mixed[r], lam * z[r] + (1 - lam) * source[j]["latents"][offset:offset + LENGTH],
-                rtol=1e-5, atol=1e-6)
+            frames = offset + np.arange(LENGTH)
+            inside = (frames >= 0) & (frames < FRAMES)
+            assert inside.mean() >= 0.5
+            want = z[r].copy()
+            want[inside] = lam * z[r][inside] + (1 - lam) * source[j]["latents"][frames[inside]]
+            np.testing.assert_allclose(mixed[r], want, rtol=1e-5, atol=1e-6)
             checked += 1
     assert checked > 100
+
+
+def test_whole_clip_windows_mix_with_shifted_partners():
+    source, rhythm = make(n=12, seed=4)
+    mixer = mixup.Mixer(source, rhythm, lambda z: z, RATE, probability=1.0, tolerance=0.05,
+                        beta=5.0, seed=0)
+    rows = np.arange(len(source))
+    z = np.stack([s["latents"] for s in source])  # the crop is the whole clip
+    _, _, which, info = mixer(z, np.ones(z.shape[:2], bool), rows, np.zeros(len(rows), int))
+    assert which.mean() > 0.8 and np.abs(info["offset"][which]).max() > 0
 
 
 def test_mixing_weight_is_beta_five_five_and_draws_are_reproducible():
