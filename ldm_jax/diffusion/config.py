@@ -169,16 +169,17 @@ class ControlEvalConfig(SamplingConfig):
 
     num_prompts: int = 64
     inputs: str = "truth"  # the controls given: the clips' stored truth, or extracted ("audio")
-    bootstrap: int = 1000  # resamples of every interval
+    bootstrap: int = 1000  # resamples of the intervals of the control metrics
+    fd_bootstrap: int = 200  # resamples of the Fréchet distance's interval (a matrix root each)
 
     def __post_init__(self):
         super().__post_init__()
         if self.inputs not in CONTROL_INPUTS:
             raise DiffusionError(f"{self.SECTION}.inputs={self.inputs!r}: use 'truth' or "
                                  "'audio'")
-        if self.num_prompts < 1 or self.bootstrap < 10:
+        if self.num_prompts < 1 or self.bootstrap < 10 or self.fd_bootstrap < 10:
             raise DiffusionError(f"{self.SECTION}.num_prompts must be positive and bootstrap "
-                                 "at least 10")
+                                 "and fd_bootstrap at least 10")
 
 
 def diffusion_config(cfg) -> DiffusionConfig:

@@ -424,8 +424,8 @@ def evaluate_controls(workdir: str, source, settings, *, ceiling: dict | None = 
                            for m in control_eval.METRICS}
         emb = gen.clap.embed_audio(list(audio), sample_rate=rate)
         result[f"{label}/fd_clap"] = frechet_distance(real_emb, emb)
-        result[f"{label}/fd_clap/ci95"] = frechet_interval(real_emb, emb, n=boot,
-                                                           seed=settings.seed)
+        result[f"{label}/fd_clap/ci95"] = frechet_interval(
+            real_emb, emb, n=int(settings.fd_bootstrap), seed=settings.seed)
     for metric in control_eval.METRICS:
         result[f"p_value/all_vs_none/{metric}"] = paired_p_value(
             per_clip["all"][metric], per_clip["none"][metric], n=10 * boot, seed=settings.seed)

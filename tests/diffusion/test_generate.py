@@ -477,7 +477,8 @@ def test_controlnet_stage_trains_generates_from_controls_and_evaluates(chain, tm
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, err
 
-    settings = ControlEvalConfig(num_prompts=2, steps=2, batch_size=2, bootstrap=10)
+    settings = ControlEvalConfig(num_prompts=2, steps=2, batch_size=2, bootstrap=10,
+                                 fd_bootstrap=10)
     source = builders.open_split(str(tmp_path / "data"), "synthetic_music", "test")
     scores = generation.evaluate_controls(str(tmp_path), source, settings, generator=gen,
                                           ceiling={"codec/beat_f1": 0.5}, progress=False)
