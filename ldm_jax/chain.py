@@ -83,18 +83,21 @@ def _section_types() -> dict:
     from ldm_jax.clap.model import ClapConfig
     from ldm_jax.codec.model import CodecConfig
     from ldm_jax.diffusion.config import (
+        ControlEvalConfig,
         DiffusionConfig,
         EvalConfig,
         GenerationConfig,
         TrainConfig,
     )
+    from ldm_jax.diffusion.controlnet import ControlMaskConfig
     from ldm_jax.diffusion.unet import UNetConfig
 
     return {("codec", "model"): CodecConfig, ("clap", "model"): ClapConfig,
             ("ldm", "model"): UNetConfig, ("ldm", "diffusion"): DiffusionConfig,
             ("ldm", "train"): TrainConfig, ("ldm", "generation"): GenerationConfig,
             ("ldm", "eval"): EvalConfig, ("ldm.generation",): GenerationConfig,
-            ("ldm.eval",): EvalConfig}
+            ("ldm.eval",): EvalConfig, ("controlnet", "eval"): ControlEvalConfig,
+            ("controlnet", "masks"): ControlMaskConfig, ("controlnet.eval",): ControlEvalConfig}
 
 
 def _without_unused_losses(node):
