@@ -472,6 +472,10 @@ def cmd_eval_controls(args, cfg):
     if "controlnet" not in cfg:
         raise config_lib.ConfigError("the experiment has no controlnet section: say --ceiling, "
                                      "or use --config controls_tiny")
+    if not paths.isdir(os.path.join(workdir, "controlnet", "checkpoints")):
+        raise config_lib.ConfigError(f"no trained ControlNet in {workdir}: run `ldm-jax train "
+                                     "controlnet --workdir W` first, or say --ceiling for the "
+                                     "codec's ceiling")
     result = chain.controlnet_scores(cfg, workdir, num_prompts=args.max_clips or None)
     _print_json(result, args.json, controlnet_seed=cfg.controlnet.get("seed"),
                 eval_seed=cfg.controlnet.eval.seed)

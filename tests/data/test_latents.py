@@ -190,6 +190,7 @@ def test_kl_codec_stores_the_posterior_mean_and_other_codec_is_refused(setup, tm
     source = builders.open_split(data_dir, "synthetic_music", "test")
     example = by_index(str(tmp_path / "kl"), "test")[0]
     mean = codec_latents(loaded, source[0]["audio"], "mean")
-    np.testing.assert_allclose(example["latents"], mean, rtol=1e-5, atol=1e-5)
+    # Batched against alone: float32 convolutions sum in another order (values up to ~12).
+    np.testing.assert_allclose(example["latents"], mean, rtol=1e-5, atol=1e-4)
     with pytest.raises(DataError, match="overwrite"):
         latents_writer.encode_latents(codec, data_cfg(), data_dir, out, progress=False)
