@@ -64,16 +64,17 @@ def merged_config(cfg, base_cfg) -> ml_collections.ConfigDict:
 
 
 def init_state(cfg, rng) -> dict:
-    """{"step", "params", "opt_state", "ema_params", "base"}: a fresh ControlNet (boxed) and a
-    placeholder of the frozen U-Net that the task's warm start fills in."""
+    """{"step", "params", "opt_state", "ema_params", "base"}: a fresh ControlNet (boxed), and
+    zeros in the frozen U-Net's shapes and logical axes, which the Task's warm start replaces
+    with the trained U-Net's parameters (nothing is spent initialising what is overwritten)."""
     from ldm_jax.diffusion.train import make_optimizer
     from ldm_jax.diffusion.unet import init_variables as init_unet
 
     tx, _ = make_optimizer(cfg)
     model = make_controlnet(cfg.model)
-    r_params, r_base = jax.random.split(rng)
-    params = init_params(model, r_params, boxed=True)
-    base = init_unet(base_unet(cfg), r_base, boxed=True)["params"]
+    params = init_params(model, rng, boxed=True)
+    shapes = jax.eval_shape(lambda r: init_unet(base_unet(cfg), r, boxed=True)["params"], rng)
+    base = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
             "ema_params": params, "base": base}
 

@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 
 from ldm_jax import checkpoint, parallel, paths
-from ldm_jax.diffusion import conditioning, samplers
+from ldm_jax.diffusion import conditioning, controlnet, samplers
 from ldm_jax.diffusion import config as ldm_config
 from ldm_jax.diffusion.schedules import DiffusionError
 from ldm_jax.diffusion.unet import PRESETS, UNet, init_variables, make_unet
@@ -167,7 +167,6 @@ class Generator:
         """The trained ControlNet beside the LDM (W/controlnet), loaded on first use; may be set
         to a `controlnet.LoadedControlNet`."""
         if self._controlnet is None:
-            from ldm_jax.diffusion import controlnet
             if self.root is None:
                 raise DiffusionError("this generator has no ControlNet: set .controlnet")
             self._controlnet = controlnet.load_trained(self.root)
@@ -223,8 +222,7 @@ class Generator:
             def run(params, noise, cond, uncond, scale, x_init, known, mask, rng, control_scale):
                 def model_fn(x, t, c):
                     if controlled:
-                        from ldm_jax.diffusion.controlnet import apply_controlled
-                        return apply_controlled(
+                        return controlnet.apply_controlled(
                             unet, params["base"], control_model, params["controlnet"], x, t,
                             c["context"], c["context_mask"], c["pooled"], c["controls"],
                             c["control_mask"], scale=control_scale)
@@ -303,8 +301,7 @@ class Generator:
         if seconds is None:
             reference = init_audio if init_audio is not None else inpaint_audio
             if controls is not None and reference is None:
-                from ldm_jax.diffusion.controlnet import controls_seconds
-                seconds = controls_seconds(controls, self.stats.frame_rate)
+                seconds = controlnet.controls_seconds(controls, self.stats.frame_rate)
             elif reference is not None:
                 seconds = max(len(c) for c in _clips(reference)) / self.sample_rate
             elif self.default_seconds is not None:
@@ -339,9 +336,8 @@ class Generator:
 
         values = given = None
         if controls is not None:
-            from ldm_jax.diffusion.controlnet import control_inputs
-            values, given = control_inputs(self.controlnet, controls, n, frames,
-                                           self.stats.frame_rate, control_ranges)
+            values, given = controlnet.control_inputs(self.controlnet, controls, n, frames,
+                                                      self.stats.frame_rate, control_ranges)
         guided = not (isinstance(cfg_scale, int | float) and float(cfg_scale) == 1.0)
         negative = self.condition([negative_prompt]) if negative_prompt else None
         fn = self._sampler(sampler, int(steps), guided,
