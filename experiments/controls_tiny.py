@@ -12,7 +12,9 @@ The attribute judge (`judge`) is trained on the labels and scored on real and
 codec-reconstructed test clips (`judge/eval.json`); the generation evaluation then reports
 instrument adherence judged by it. Music ControlNet (`controlnet`) trains on the trained U-Net
 for 800 steps on the controls extracted from the training clips; `controlnet_eval` scores its
-adherence to the ground-truth controls of 32 test clips (`controlnet/eval.json`).
+adherence to the ground-truth controls of 32 test clips (`controlnet/eval.json`). `ditto`
+configures DITTO, which needs no stage: `ldm-jax ditto` and `ldm-jax eval ditto` use the trained
+chain as it is.
 """
 
 import dataclasses
@@ -68,7 +70,19 @@ def get_config(arg=None):
     c.ldm.train.steps = 1600
     c.ldm.eval.num_prompts = 64
     c.controlnet = controlnet_config(c)
+    c.ditto = ditto_config()
     return c
+
+
+def ditto_config() -> ml_collections.ConfigDict:
+    """DITTO (no stage: `ldm-jax ditto`, `ldm-jax eval ditto`): Adam on the initial noise for
+    40 iterations through 10 DDIM steps; the evaluation optimises 2-second clips of 32 test
+    clips for each task and makes 4 long-form clips of 30 s."""
+    from ldm_jax.diffusion.config import DittoEvalConfig
+    from ldm_jax.diffusion.ditto import DittoConfig
+
+    return ml_collections.ConfigDict(dict(optimise=DittoConfig.config(),
+                                          eval=DittoEvalConfig.config()))
 
 
 def controlnet_config(c) -> ml_collections.ConfigDict:

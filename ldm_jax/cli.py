@@ -395,9 +395,20 @@ def cmd_generate(args, cfg):
         seed=[seed + i for i in range(len(prompts))],
         init_audio=None if init is None else [init[:, 0]] * len(prompts), strength=args.strength,
         inpaint_audio=None if inpaint is None else [inpaint[:, 0]] * len(prompts),
-        inpaint_start=args.inpaint_start, inpaint_end=args.inpaint_end, progress=True)
+        inpaint_start=args.inpaint_start, inpaint_end=args.inpaint_end,
+        long_form=args.long_form, window_seconds=args.window_seconds,
+        overlap_seconds=args.overlap_seconds, progress=True)
     if not _is_leader():
         return
+    seconds = args.seconds or (audio.shape[1] / gen.sample_rate)
+    plan = gen.long_form_plan(seconds, args.long_form or "window", args.window_seconds,
+                              args.overlap_seconds) \
+        if args.long_form != "none" and not (init is not None or inpaint is not None or
+                                             controls) else None
+    if plan is not None:
+        print(f"long-form ({plan['method']}): {plan['windows']} windows of "
+              f"{(plan['window_frames'] - 1) / gen.stats.frame_rate:g} s overlapping by "
+              f"{plan['overlap_frames'] / gen.stats.frame_rate:g} s")
     outs = [args.output] if len(prompts) == 1 else [
         f"{os.path.splitext(args.output)[0]}_{i:03d}.wav" for i in range(len(prompts))]
     for path, clip, prompt in zip(outs, audio, prompts):
@@ -409,7 +420,8 @@ def _controls_args(args, gen):
     """The controls `ldm-jax generate` was given: ({name: controls} or None, their ranges)."""
     from ldm_jax import controls as controls_lib
     files = {"melody": args.melody_from or args.melody_midi,
-             "dynamics": args.dynamics_from or args.dynamics_curve, "rhythm": args.rhythm_from}
+             "dynamics": args.dynamics_from or args.dynamics_curve,
+             "rhythm": getattr(args, "rhythm_from", None)}
     for name, a, b, other in (("melody", args.melody_from, args.melody_midi, "melody-midi"),
                               ("dynamics", args.dynamics_from, args.dynamics_curve,
                                "dynamics-curve")):
@@ -418,7 +430,7 @@ def _controls_args(args, gen):
     files = {k: v for k, v in files.items() if v}
     if not files:
         if args.control_start is not None or args.control_end is not None or \
-                args.control_scale != 1.0:
+                getattr(args, "control_scale", 1.0) != 1.0:
             raise config_lib.ConfigError("--control-start/--control-end/--control-scale need a "
                                          "control (--melody-from, --dynamics-from, ...)")
         return None, None
@@ -442,6 +454,119 @@ def _controls_args(args, gen):
     if args.control_start is not None or args.control_end is not None:
         ranges = {name: (start, args.control_end) for name in out}
     return out, ranges
+
+
+def _ditto_config(args, cfg):
+    """The DITTO options: the command line's, else the experiment's `ditto.optimise`, else
+    `DittoConfig`'s defaults."""
+    from ldm_jax.diffusion.ditto import DittoConfig
+    section = dict((cfg.get("ditto", None) or {}).get("optimise", None) or {})
+    for key, value in (("iterations", args.iterations), ("lr", args.lr),
+                       ("sampler", args.sampler), ("sampler_steps", args.sampler_steps),
+                       ("cfg_scale", args.cfg), ("tolerance", args.tolerance),
+                       ("resample_steps", args.resample_steps)):
+        if value is not None:
+            section[key] = value
+    return DittoConfig.from_dict(section, section="ditto.optimise")
+
+
+def _weights(items) -> dict:
+    out = {}
+    for item in items or ():
+        name, _, value = item.partition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = float("nan")
+        if name not in ("dynamics", "melody", "structure", "loop", "outpaint", "inpaint") or \
+                not (math.isfinite(weight) and weight > 0):
+            raise config_lib.ConfigError(f"--weight {item!r}: give TASK=W with TASK one of "
+                                         "dynamics, melody, structure, loop, outpaint, inpaint "
+                                         "and W a positive number")
+        out[name] = weight
+    return out
+
+
+def cmd_ditto(args, cfg):
+    import json
+
+    import numpy as np
+
+    from ldm_jax.audio import io as audio_io
+    from ldm_jax.diffusion import ditto, generate
+    workdir = _require_workdir(args)
+    prompts = list(args.prompt or [])
+    if not prompts:
+        raise config_lib.ConfigError("give a prompt")
+    config = _ditto_config(args, cfg)
+    weights = _weights(args.weight)
+    gen = generate.get_generator(workdir)
+    controls, ranges = _controls_args(args, gen)
+    clips = {}
+    for name in ("outpaint", "inpaint"):
+        path = getattr(args, name)
+        if path:
+            if not paths.exists(path):
+                raise config_lib.ConfigError(f"--{name}: {path}: no such file")
+            clips[name] = audio_io.read_audio(path, sample_rate=gen.sample_rate)[0][:, 0]
+    if (args.inpaint_start is not None or args.inpaint_end is not None) and "inpaint" not in clips:
+        raise config_lib.ConfigError("--inpaint-start/--inpaint-end need --inpaint IN.wav")
+    seconds = args.seconds
+    if seconds is None and "inpaint" in clips:
+        seconds = len(clips["inpaint"]) / gen.sample_rate
+    result = ditto.ditto(
+        prompts, workdir=workdir, seconds=seconds, controls=controls, control_ranges=ranges,
+        structure_pattern=args.structure,
+        loop_seconds=args.loop_seconds if args.loop else None,
+        outpaint_audio=clips.get("outpaint"), outpaint_seconds=args.outpaint_seconds,
+        inpaint_audio=clips.get("inpaint"), inpaint_start=args.inpaint_start,
+        inpaint_end=args.inpaint_end, weights=weights, config=config, seed=args.seed,
+        negative_prompt=args.negative_prompt, progress=_is_leader(), generator=gen)
+    if not _is_leader():
+        return
+    outs = [args.output] if len(prompts) == 1 else [
+        f"{os.path.splitext(args.output)[0]}_{i:03d}.wav" for i in range(len(prompts))]
+    for path, clip, prompt, before, after in zip(outs, result["output"], prompts,
+                                                 result["initial_loss"], result["loss"]):
+        audio_io.write_audio(path, np.clip(clip, -1.0, 1.0), gen.sample_rate)
+        print(f"{path}: {prompt!r} ({len(clip) / gen.sample_rate:.2f} s), loss {before:.4g} "
+              f"-> {after:.4g}")
+    trajectory = args.json or f"{os.path.splitext(args.output)[0]}.json"
+    record = {"prompts": prompts, "seeds": result["seeds"], "files": outs,
+              "config": config.to_dict(), "seconds": result["clip_seconds"],
+              "iterations": result["iterations"], "stopped_early": result["stopped_early"],
+              "loss": result["history"].T.tolist(),
+              "initial_loss": result["initial_loss"].tolist(),
+              "final_loss": result["loss"].tolist(),
+              "terms": {k: v.tolist() for k, v in result["terms"].items()},
+              "initial_terms": {k: v.tolist() for k, v in result["initial_terms"].items()},
+              "wall_seconds": result["seconds"], "compile_seconds": result["compile_seconds"],
+              "seconds_per_iteration": result["seconds_per_iteration"],
+              "xla_memory_bytes": result["memory_bytes"]}
+    if "resampled_loss" in result:
+        record["resampled_loss"] = result["resampled_loss"].tolist()
+        record["initial_resampled_loss"] = result["initial_resampled_loss"].tolist()
+    paths.write_text(trajectory, json.dumps(record, indent=1) + "\n")
+    print(f"loss trajectory: {trajectory}")
+
+
+def cmd_eval_ditto(args, cfg):
+    from ldm_jax.data import builders
+    from ldm_jax.diffusion import evaluate
+    from ldm_jax.diffusion.config import DittoEvalConfig
+    workdir = _require_workdir(args)
+    section = dict((cfg.get("ditto", None) or {}).get("eval", None) or {})
+    if args.max_clips:
+        section["num_clips"] = args.max_clips
+    if args.tasks:
+        section["tasks"] = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+    settings = DittoEvalConfig.from_dict(section, section="ditto.eval")
+    optimiser = _ditto_config(args, cfg)
+    data_dir = _data_dir(args, cfg)
+    source = builders.open_split(data_dir, cfg.data.name, "test")
+    result = evaluate.evaluate_ditto(workdir, source, settings, optimiser,
+                                     progress=_is_leader())
+    _print_json(result, args.json, ditto_seed=settings.seed)
 
 
 def cmd_eval_generation(args, cfg):
@@ -730,6 +855,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inpaint-audio", default=None, help="the clip to inpaint")
     p.add_argument("--inpaint-start", type=NON_NEGATIVE, default=None, help="seconds")
     p.add_argument("--inpaint-end", type=POSITIVE, default=None, help="seconds")
+    g = p.add_argument_group("long-form: --seconds beyond the window (default: the training "
+                             "length)")
+    g.add_argument("--long-form", default=None, choices=("window", "ditto", "none"),
+                   help="window: each window inpaints its overlap with the one before (the "
+                        "default for text alone); ditto: each window's noise optimised to "
+                        "match it; none: one piece")
+    g.add_argument("--window-seconds", type=POSITIVE, default=None,
+                   help="the window (default: the training length)")
+    g.add_argument("--overlap-seconds", type=POSITIVE, default=None,
+                   help="the overlap (default: a quarter of the window)")
     g = p.add_argument_group("time-varying controls (a ControlNet trained in W/controlnet)")
     for name, what in (("melody", "its melody"), ("dynamics", "its dynamics (level curve)"),
                        ("rhythm", "its beats and downbeats")):
@@ -750,6 +885,60 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p, default="ldm_tiny")
     _add_distributed(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("ditto", help="control without training: optimise the initial noise "
+                       "so the audio follows a target (DITTO)", epilog=EPILOG)
+    p.add_argument("prompt", nargs="*", help="text prompt(s), each optimised on its own")
+    p.add_argument("-o", "--output", default="out.wav")
+    p.add_argument("--json", default=None,
+                   help="the loss trajectory (default: the output's name with .json)")
+    p.add_argument("--seconds", type=POSITIVE, default=None,
+                   help="clip length (default: the length the U-Net was trained on)")
+    p.add_argument("--seed", type=COUNT, default=0, help="prompt i starts from seed + i's noise")
+    p.add_argument("--negative-prompt", default=None)
+    g = p.add_argument_group("targets (as many as wanted; their losses add)")
+    g.add_argument("--dynamics-from", default=None, metavar="REF",
+                   help="follow the level curve of an audio or MIDI file")
+    g.add_argument("--dynamics-curve", default=None, metavar="FILE.csv",
+                   help="a level curve of time,db rows")
+    g.add_argument("--melody-from", default=None, metavar="REF",
+                   help="follow the melody of an audio or MIDI file")
+    g.add_argument("--melody-midi", default=None, metavar="FILE.mid",
+                   help="the melody of a MIDI file (as --melody-from FILE.mid)")
+    g.add_argument("--control-start", type=NON_NEGATIVE, default=None, metavar="S",
+                   help="follow the dynamics / melody from S seconds on")
+    g.add_argument("--control-end", type=POSITIVE, default=None, metavar="S",
+                   help="follow them up to S seconds")
+    g.add_argument("--structure", default=None, metavar="PATTERN",
+                   help="a section pattern over equal sections, e.g. AABA")
+    g.add_argument("--loop", action="store_true",
+                   help="make the clip loop seamlessly (written cut at its loop point)")
+    g.add_argument("--loop-seconds", type=POSITIVE, default=0.4,
+                   help="the end region matched to the start [0.4]")
+    g.add_argument("--outpaint", default=None, metavar="IN.wav",
+                   help="continue this clip (written as IN followed by the continuation)")
+    g.add_argument("--outpaint-seconds", type=POSITIVE, default=None,
+                   help="the overlap matched to IN's end (default: half the clip)")
+    g.add_argument("--inpaint", default=None, metavar="IN.wav",
+                   help="regenerate a range of this clip, keeping the rest")
+    g.add_argument("--inpaint-start", type=NON_NEGATIVE, default=None, help="seconds")
+    g.add_argument("--inpaint-end", type=POSITIVE, default=None, help="seconds")
+    g.add_argument("--weight", action="append", default=None, metavar="TASK=W",
+                   help="a loss weight, e.g. --weight melody=0.5 (default 1 each)")
+    g = p.add_argument_group("optimisation (default: the experiment's ditto.optimise)")
+    g.add_argument("--iterations", type=POSITIVE_INT, default=None, help="Adam steps K")
+    g.add_argument("--lr", type=POSITIVE, default=None, help="Adam's learning rate")
+    g.add_argument("--sampler", default=None, choices=("ddim", "dpmpp_2m"),
+                   help="the deterministic sampler differentiated")
+    g.add_argument("--sampler-steps", type=POSITIVE_INT, default=None, help="its steps S")
+    g.add_argument("--cfg", type=FINITE, default=None, help="classifier-free guidance scale")
+    g.add_argument("--tolerance", type=NON_NEGATIVE, default=None,
+                   help="stop once every clip's loss is at most this")
+    g.add_argument("--resample-steps", type=COUNT, default=None,
+                   help="also sample the optimised noise with this many steps (reported)")
+    _add_config(p, default="controls_tiny")
+    _add_distributed(p)
+    p.set_defaults(func=cmd_ditto)
 
     ev = sub.add_parser("eval", help="evaluate a trained stage", epilog=EPILOG)
     ev_sub = ev.add_subparsers(dest="eval_command", metavar="WHAT", required=True)
@@ -777,6 +966,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p, default="controls_tiny")
     _add_distributed(p)
     p.set_defaults(func=cmd_eval_controls)
+
+    p = ev_sub.add_parser("ditto", help="DITTO's control errors before and after optimising "
+                          "the noise, against plain sampling and the ControlNet", epilog=EPILOG)
+    p.add_argument("--json", default=None, help="write the scores here")
+    p.add_argument("--max-clips", type=COUNT, default=0,
+                   help="score at most N test clips (0: the config's ditto.eval.num_clips)")
+    p.add_argument("--tasks", default=None, metavar="T1,T2",
+                   help="intensity, melody, structure, loop, outpaint (default: all)")
+    for name, kind, what in (("iterations", POSITIVE_INT, "Adam steps K"),
+                             ("lr", POSITIVE, "Adam's learning rate"),
+                             ("sampler-steps", POSITIVE_INT, "sampler steps S"),
+                             ("resample-steps", COUNT, "also resample with this many steps")):
+        p.add_argument(f"--{name}", type=kind, default=None, help=what)
+    p.set_defaults(sampler=None, cfg=None, tolerance=None)
+    _add_config(p, data_dir=True, default="controls_tiny")
+    _add_distributed(p)
+    p.set_defaults(func=cmd_eval_ditto)
 
     clap = sub.add_parser("clap", help="use a trained CLAP: evaluate, retrieve", epilog=EPILOG)
     clap_sub = clap.add_subparsers(dest="clap_command", metavar="ACTION", required=True)

@@ -164,7 +164,7 @@ def _level_db(power: jax.Array, n_fft: int) -> jax.Array:
     return 10.0 * jnp.log10(jnp.maximum(full / (n_fft * window_energy), 1e-12))
 
 
-def _power_spectrum(audio: jax.Array, cfg: FeatureConfig) -> tuple[jax.Array, jax.Array]:
+def power_spectrum(audio: jax.Array, cfg: FeatureConfig) -> tuple[jax.Array, jax.Array]:
     """(|STFT|^2 [..., frames, bins], the frames' window coverage [frames, 1])."""
     # Zero padding at the ends (librosa's default since 0.10): no mirrored onsets.
     spec = dsp.stft(audio, cfg.n_fft, cfg.hop_length, pad_mode="constant")
@@ -229,19 +229,19 @@ def melody(audio: jax.Array, cfg: FeatureConfig) -> dict[str, jax.Array]:
       (zero where unvoiced); soft [..., 12] (softmax over `temperature`, zero where unvoiced);
       voiced bool [..., frames]; pitch_class int [..., frames] (-1 where unvoiced).
     """
-    power, coverage = _power_spectrum(audio, cfg)
+    power, coverage = power_spectrum(audio, cfg)
     return melody_from_power(power, cfg, coverage)
 
 
 def dynamics(audio: jax.Array, cfg: FeatureConfig) -> dict[str, jax.Array]:
     """Dynamics of audio [..., time]: raw_db and smoothed db, float32 [..., frames]."""
-    power, coverage = _power_spectrum(audio, cfg)
+    power, coverage = power_spectrum(audio, cfg)
     return dynamics_from_power(power, cfg, coverage)
 
 
 def onset_strength(audio: jax.Array, cfg: FeatureConfig) -> jax.Array:
     """Onset strength envelope of audio [..., time], float32 [..., frames]."""
-    return onset_from_power(_power_spectrum(audio, cfg)[0], cfg)
+    return onset_from_power(power_spectrum(audio, cfg)[0], cfg)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -249,7 +249,7 @@ def extract(audio: jax.Array, cfg: FeatureConfig) -> dict[str, jax.Array]:
     """Every differentiable control feature of audio [..., time] from one STFT, one jitted
     call: {"melody": melody(...), "dynamics": dynamics(...), "onset": onset envelope,
     "harmony": the full-band chromagram [..., frames, 12] (for the downbeat estimate)}."""
-    power, coverage = _power_spectrum(audio, cfg)
+    power, coverage = power_spectrum(audio, cfg)
     return {"melody": melody_from_power(power, cfg, coverage),
             "dynamics": dynamics_from_power(power, cfg, coverage),
             "onset": onset_from_power(power, cfg), "harmony": harmony_from_power(power, cfg)}

@@ -182,6 +182,70 @@ class ControlEvalConfig(SamplingConfig):
                                  "and fd_bootstrap at least 10")
 
 
+DITTO_TASKS = ("intensity", "melody", "structure", "loop", "outpaint")
+
+
+@dataclasses.dataclass(frozen=True)
+class DittoEvalConfig(Section):
+    """The `ditto.eval` section: how `ldm-jax eval ditto` scores DITTO on test clips.
+
+    Targets come from the first `num_clips` test clips' first `seconds`: their dB curve
+    (intensity), their melody (melody), their audio (outpainting continues it past its first
+    half); structure asks for `structure_pattern`, looping for a seamless loop matched over
+    `loop_seconds`. The ControlNet (where W has one) is sampled with `controlnet_steps` of
+    `controlnet_sampler` on the same controls and seeds. Long-form generation makes
+    `long_clips` clips of `long_seconds` from the first test captions with each of
+    `long_forms`, and measures their seams.
+    """
+
+    SECTION: ClassVar[str] = "ditto.eval"
+    LABEL: ClassVar[str] = "DITTO eval config"
+    ERROR: ClassVar[type[Exception]] = DiffusionError
+
+    num_clips: int = 32
+    seconds: float = 2.0
+    batch_size: int = 8
+    seed: int = 0
+    tasks: tuple[str, ...] = DITTO_TASKS
+    structure_pattern: str = "AABA"
+    loop_seconds: float = 0.4
+    controlnet_steps: int = 25
+    controlnet_sampler: str = "dpmpp_2m"
+    bootstrap: int = 1000
+    fd_bootstrap: int = 200
+    long_seconds: float = 30.0  # long-form generation: clips of this length
+    long_clips: int = 4  # of the first test captions (0: none)
+    long_forms: tuple[str, ...] = ("window",)  # "window", "ditto"
+    long_steps: int = 25  # sampler steps of the windows (dpmpp_2m; DITTO: its own sampler)
+    long_window_seconds: float = 0.0  # 0: the training length
+    long_overlap_seconds: float = 0.0  # 0: a quarter of the window
+
+    def __post_init__(self):
+        if any(m not in ("window", "ditto") for m in self.long_forms) or \
+                self.long_clips < 0 or self.long_steps < 1 or not self.long_seconds > 0 or \
+                self.long_window_seconds < 0 or self.long_overlap_seconds < 0:
+            raise DiffusionError(f"{self.SECTION}.long_forms takes 'window' and 'ditto'; "
+                                 "long_clips >= 0, long_steps and long_seconds positive, "
+                                 "the long-form window and overlap >= 0")
+        unknown = [t for t in self.tasks if t not in DITTO_TASKS]
+        if unknown or not self.tasks:
+            raise DiffusionError(f"{self.SECTION}.tasks {list(self.tasks)}: choose from "
+                                 f"{DITTO_TASKS}")
+        if self.num_clips < 2 or self.batch_size < 1 or self.seed < 0:
+            raise DiffusionError(f"{self.SECTION}.num_clips must be at least 2, batch_size "
+                                 "positive and seed >= 0")
+        if not (self.seconds > 0 and self.loop_seconds > 0 and
+                2 * self.loop_seconds < self.seconds):
+            raise DiffusionError(f"{self.SECTION}.seconds and loop_seconds must be positive, "
+                                 "the loop region under half the clip")
+        if self.controlnet_steps < 1 or self.bootstrap < 10 or self.fd_bootstrap < 10:
+            raise DiffusionError(f"{self.SECTION}.controlnet_steps must be positive and "
+                                 "bootstrap and fd_bootstrap at least 10")
+        from ldm_jax.diffusion.samplers import canonical_sampler
+
+        canonical_sampler(self.controlnet_sampler)
+
+
 def diffusion_config(cfg) -> DiffusionConfig:
     """The `diffusion` section of an experiment config; an unknown key is an error naming it."""
     return DiffusionConfig.from_dict(cfg.get("diffusion", None) or {})

@@ -27,6 +27,7 @@ import os
 import numpy as np
 
 from ldm_jax import parallel, paths, provenance
+from ldm_jax.diffusion.schedules import DiffusionError
 from ldm_jax.eval import music
 from ldm_jax.eval.metrics import clap_score, frechet_distance, novelty
 
@@ -440,3 +441,288 @@ def evaluate_controls(workdir: str, source, settings, *, ceiling: dict | None = 
                 result[f"{label}/{metric}/share_of_ceiling"] = \
                     result[f"{label}/{metric}"] / top if top else float("nan")
     return result
+
+
+# ----------------------------------------------------------------------------- DITTO
+
+def _summary(values, *, seed: int, n: int) -> dict:
+    """Mean, N and 95% bootstrap interval of the finite values."""
+    from ldm_jax.controls.metrics import bootstrap_interval
+
+    v = [float(x) for x in np.ravel(values) if np.isfinite(x)]
+    low, high = bootstrap_interval(v, n=n, seed=seed)
+    return {"mean": float(np.mean(v)) if v else float("nan"), "n": len(v), "ci95": [low, high]}
+
+
+def _loop_scores(audio: np.ndarray, loop_frames: int, frames: int, frame_rate: float,
+                 sample_rate: int) -> dict:
+    """Per clip: the seam of the loop played twice (`eval.seams`), cut hard where the matched
+    end region begins (`seam_hard`) and as `ditto.loop_audio` makes it (`seam`), each over the
+    clip's own median (`..._over_within`); and `mismatch`, how different the end region sounds
+    from the start (`eval.seams.spectral_mismatch`, dB)."""
+    from ldm_jax.diffusion import ditto
+    from ldm_jax.eval.seams import seam_discontinuity, spectral_mismatch
+
+    cut = int(round((frames - loop_frames) / frame_rate * sample_rate))
+    fade = int(round(loop_frames / frame_rate * sample_rate))
+    looped = ditto.loop_audio(audio, loop_frames, frames, frame_rate, sample_rate)
+    out = {}
+    for name, clips in (("seam_hard", audio[:, :cut]), ("seam", looped)):
+        found = [seam_discontinuity(np.concatenate([a, a]), [len(a) / sample_rate],
+                                    sample_rate) for a in clips]
+        out[name] = np.asarray([m["seam_mean"] for m in found])
+        out[f"{name}_over_within"] = out[name] / np.asarray([m["within_median"]
+                                                             for m in found])
+    out["mismatch"] = np.asarray([spectral_mismatch(a[cut:cut + fade], a[:fade], sample_rate)
+                                  for a in audio])
+    return out
+
+
+def _ditto_batch(runner, examples, rows: range, settings, optimiser, controlnet) -> dict:
+    """DITTO on the clips of ROWS for every task: per-clip scores of plain sampling, DITTO and
+    (intensity, melody) the ControlNet, with the CLAP embeddings of every output."""
+    from ldm_jax.codec import losses as codec_losses
+    from ldm_jax.controls import analysis, melody_accuracy
+    from ldm_jax.diffusion import ditto
+    gen, features = runner.gen, runner.features
+    seconds = float(settings.seconds)
+    frames, samples, _ = runner.frames(seconds)
+    group = [examples[i] for i in rows]
+    prompts = [_string(e["caption"]) for e in group]
+    real = np.zeros((len(group), samples), np.float32)
+    for r, e in enumerate(group):
+        clip = np.asarray(e["audio"], np.float32).reshape(-1)[:samples]
+        real[r, :len(clip)] = clip
+    found = [analysis.controls_from_audio(c, features) for c in real]
+    seeds = [settings.seed + i for i in rows]
+    db = np.stack([np.asarray(f["dynamics"]["db"], np.float32) for f in found])
+    pc = np.stack([np.asarray(f["melody"]["pitch_class"]) for f in found])
+    embed = functools.partial(gen.clap.embed_audio, sample_rate=gen.sample_rate)
+    rate = gen.stats.frame_rate
+
+    def pitch_classes(audio):
+        return np.stack([np.asarray(analysis.controls_from_audio(a, features)["melody"]
+                                    ["pitch_class"]) for a in audio])
+
+    def melody_scores(audio):
+        est = pitch_classes(audio)
+        return [melody_accuracy(pc[i], est[i]) for i in range(len(audio))]
+
+    out = {"real": embed(list(real)), "seconds": {}, "compile_seconds": {}, "memory_bytes": {},
+           "iterations": {}}
+    plain = None
+    for task in settings.tasks:
+        plan = {}
+        if task == "intensity":
+            terms = [ditto.intensity(db)]
+        elif task == "melody":
+            terms = [ditto.melody(pc)]
+        elif task == "structure":
+            terms = [ditto.structure(settings.structure_pattern)]
+        elif task == "loop":
+            plan["loop_frames"] = int(round(settings.loop_seconds * rate))
+            terms = [ditto.loop(plan["loop_frames"])]
+        else:  # outpaint: continue each clip from its second half
+            have = -(-samples // gen.codec.config.hop_length)
+            reference = gen.encode_audio(list(real), have)[0]
+            w = have // 2
+            known = np.zeros((len(group), frames, reference.shape[-1]), np.float32)
+            known[:, :w] = reference[:, have - w:]
+            terms = [ditto.region(known, np.arange(frames) < w)]
+        result = runner.run(prompts, terms, config=optimiser, seconds=seconds, seed=seeds)
+        out["seconds"][task] = result["seconds"]
+        out["compile_seconds"][task] = result["compile_seconds"]
+        out["memory_bytes"][task] = result["memory_bytes"]
+        out["iterations"][task] = result["iterations"]
+        variants = {"plain": result["initial_audio"], "ditto": result["audio"]}
+        if "resampled_audio" in result:  # x_T* and x_T sampled again with more steps
+            variants["resampled"] = result["resampled_audio"]
+            variants["plain_resampled"] = result["initial_resampled_audio"]
+        if plain is None:
+            plain = result["initial_audio"]
+            out["plain_embedding"] = embed(list(plain))
+        scores = {}
+        if task in ("intensity", "melody") and controlnet:
+            name = "dynamics" if task == "intensity" else "melody"
+            variants["controlnet"] = gen.generate(
+                prompts, seconds=seconds, seed=seeds, steps=settings.controlnet_steps,
+                sampler=settings.controlnet_sampler, cfg_scale=optimiser.cfg_scale,
+                controls=[{name: f} for f in found])
+        for label, audio in variants.items():
+            if task == "intensity":
+                s = {"mse_db2": ditto.audio_losses(terms, audio, features)[0]}
+            elif task == "melody":
+                s = {"accuracy": np.asarray(melody_scores(audio))}
+            elif task == "structure":
+                s = {"ssm_mse": ditto.audio_losses(terms, audio, features)[0]}
+            elif task == "loop":
+                s = _loop_scores(np.asarray(audio), plan["loop_frames"], frames, rate,
+                                 gen.sample_rate)
+            else:  # the output's first w frames against the reference's last w
+                hop = gen.codec.config.hop_length
+                recon = gen.codec.roundtrip(real[..., None])[..., 0]
+                span = min(w * hop, recon.shape[1] - (have - w) * hop)
+                target = real[:, (have - w) * hop:][:, :span]
+
+                def distance(x, target=target):
+                    return np.asarray([float(codec_losses.mel_loss(
+                        a[None, :, None], b[None, :, None], gen.sample_rate))
+                        for a, b in zip(x, target)])
+
+                s = {"region_mel_distance": distance(np.asarray(audio)[:, :span])}
+                if label == "plain":  # what the codec itself keeps of that region
+                    s["codec_mel_distance"] = distance(recon[:, (have - w) * hop:][:, :span])
+            scores[label] = {k: np.asarray(v, np.float64) for k, v in s.items()}
+            if label != "plain":
+                scores[label]["embedding"] = embed(list(np.asarray(audio)))
+        out[task] = scores
+    return out
+
+
+def evaluate_ditto(workdir: str, source, settings, optimiser, *, generator=None,
+                   progress: bool = True) -> dict:
+    """DITTO's evaluation: each task's control error before and after optimising the noise.
+
+    On the first `settings.num_clips` clips of SOURCE (a test split with audio and captions),
+    targets are taken from the real clips' first `settings.seconds` (never from the model's
+    outputs): their smoothed dB curve (intensity: MSE in dB^2), their melody (melody: accuracy
+    of the output's pitch classes), their second half to continue (outpaint: mel distance of
+    the output's first half to it, beside the codec's own reconstruction error of it); the
+    structure task asks for `settings.structure_pattern` (self-similarity MSE) and the loop
+    task for a seamless loop (the seam's spectral discontinuity against the clip's own median,
+    `eval.seams`). Each caption is sampled from the seed's noise (plain sampling, the same
+    sampler and steps), optimised with OPTIMISER (a `ditto.DittoConfig`), and, where W has a
+    ControlNet, generated through it with the same controls (intensity, melody). Every metric
+    has its mean, N and a bootstrap interval; `p_value/TASK/METRIC` is a paired sign-flip test
+    that DITTO improves on plain sampling; the Fréchet distance of the CLAP embeddings to the
+    real clips' (with an interval) and the CLAP score are given for each output; wall time,
+    compile time and XLA's memory estimate per task.
+
+    Args:
+      workdir: W with the trained chain (and W/controlnet, optionally).
+      source: the test split (lazy sequence of examples with audio and caption).
+      settings: a `diffusion.config.DittoEvalConfig`.
+      optimiser: a `ditto.DittoConfig`.
+      generator: a `generate.Generator` to reuse.
+      progress: a progress bar over batches on process 0.
+
+    Returns:
+      A flat dict, the same on every host.
+    """
+    from ldm_jax.diffusion import ditto, generate
+
+    gen = generator or generate.Generator(workdir, batch_size=settings.batch_size)
+    runner = ditto.Ditto.of(gen)
+    n = min(int(settings.num_clips), len(source))
+    if n < 2:
+        raise DiffusionError(f"the DITTO evaluation needs at least 2 test clips, the split "
+                             f"has {len(source)}")
+    controlnet = gen.root is not None and paths.isdir(
+        os.path.join(gen.root, "controlnet", "checkpoints"))
+    batches = parallel.map_batches(
+        lambda rows: _ditto_batch(runner, source, rows, settings, optimiser, controlnet), n,
+        settings.batch_size, desc="ditto eval" if progress else None)
+    boot, seed = int(settings.bootstrap), int(settings.seed)
+    real = np.concatenate([b["real"] for b in batches])
+    plain_emb = np.concatenate([b["plain_embedding"] for b in batches])
+    prompts = [_string(source[i]["caption"]) for i in range(n)]
+    text = gen.clap.embed_text(prompts)
+    result = {"num_clips": n, "seconds": float(settings.seconds), "controlnet": controlnet,
+              "optimiser": optimiser.to_dict(), "settings": settings.to_dict(),
+              "fd_clap/real_vs_plain": frechet_distance(real, plain_emb),
+              "fd_clap/real_vs_plain/ci95": frechet_interval(real, plain_emb,
+                                                             n=settings.fd_bootstrap, seed=seed),
+              "clap_score/plain": clap_score(plain_emb, text)}
+    lower_is_better = {"mse_db2", "ssm_mse", "seam", "seam_over_within", "seam_hard",
+                       "seam_hard_over_within", "mismatch", "region_mel_distance"}
+    for task in settings.tasks:
+        labels = batches[0][task].keys()
+        for label in labels:
+            metrics = [k for k in batches[0][task][label] if k != "embedding"]
+            for metric in metrics:
+                values = np.concatenate([b[task][label][metric] for b in batches])
+                s = _summary(values, seed=seed, n=boot)
+                key = f"{task}/{label}/{metric}"
+                result[key], result[f"{key}/n"], result[f"{key}/ci95"] = \
+                    s["mean"], s["n"], s["ci95"]
+                if label not in ("plain", "plain_resampled") and \
+                        metric != "codec_mel_distance":
+                    reference = "plain_resampled" if label == "resampled" else "plain"
+                    base = np.concatenate([b[task][reference][metric] for b in batches])
+                    a, b_ = (base, values) if metric in lower_is_better else (values, base)
+                    result[f"p_value/{task}/{label}_vs_{reference}/{metric}"] = \
+                        paired_p_value(a, b_, n=10 * boot, seed=seed)
+            if label != "plain":
+                emb = np.concatenate([b[task][label]["embedding"] for b in batches])
+                fd = frechet_distance(real, emb)
+                result[f"{task}/{label}/fd_clap"] = fd
+                result[f"{task}/{label}/fd_clap/ci95"] = frechet_interval(
+                    real, emb, n=settings.fd_bootstrap, seed=seed)
+                result[f"{task}/{label}/fd_over_plain"] = fd / result["fd_clap/real_vs_plain"]
+                result[f"{task}/{label}/clap_score"] = clap_score(emb, text)
+        for part in ("seconds", "compile_seconds", "iterations"):
+            values = [b[part][task] for b in batches]
+            result[f"{task}/{part}_per_batch"] = float(np.mean(values))
+        result[f"{task}/seconds_per_clip"] = float(
+            sum(b["seconds"][task] for b in batches) / n)
+        result[f"{task}/memory_bytes"] = batches[0]["memory_bytes"][task]
+    if "outpaint" in settings.tasks:
+        ratio = result["outpaint/ditto/region_mel_distance"] / \
+            result["outpaint/plain/codec_mel_distance"]
+        result["outpaint/ditto/region_over_codec"] = ratio
+    if "loop" in settings.tasks:
+        for label in batches[0]["loop"]:
+            for metric in ("seam", "seam_hard"):
+                result[f"loop/{label}/{metric}_below_within_share"] = float(np.mean(
+                    np.concatenate([b["loop"][label][f"{metric}_over_within"]
+                                    for b in batches]) <= 1.0))
+    result["batch_size"] = int(settings.batch_size)
+    if settings.long_clips:
+        result.update(_long_form_scores(gen, prompts[:settings.long_clips], settings,
+                                        optimiser))
+    return result
+
+
+def _long_form_scores(gen, prompts: list[str], settings, optimiser) -> dict:
+    """Long-form generation of each prompt at `settings.long_seconds` with each method: the
+    seams' spectral discontinuity against the clips' own (`eval.seams`), with N and
+    intervals, and the wall time."""
+    import time
+
+    from ldm_jax.eval.seams import seam_discontinuity
+
+    out = {"long/seconds": float(settings.long_seconds), "long/num_clips": len(prompts)}
+    window = {"window_seconds": settings.long_window_seconds or None,
+              "overlap_seconds": settings.long_overlap_seconds or None}
+    plan = gen.long_form_plan(settings.long_seconds, **window)
+    if plan is None:
+        raise DiffusionError(f"{settings.long_seconds} s is not longer than the window: raise "
+                             "ditto.eval.long_seconds")
+    out.update({"long/windows": plan["windows"],
+                "long/window_seconds": (plan["window_frames"] - 1) / gen.stats.frame_rate,
+                "long/overlap_seconds": plan["overlap_frames"] / gen.stats.frame_rate})
+    for method in settings.long_forms:
+        def batch(rows: range, method=method):
+            start = time.perf_counter()
+            audio = gen.generate([prompts[i] for i in rows], seconds=settings.long_seconds,
+                                 seed=[settings.seed + i for i in rows],
+                                 steps=settings.long_steps, sampler="dpmpp_2m",
+                                 cfg_scale=optimiser.cfg_scale, long_form=method,
+                                 ditto_config=optimiser, **window)
+            seconds = time.perf_counter() - start
+            return [seam_discontinuity(a, plan["boundaries"], gen.sample_rate) for a in audio], \
+                seconds
+        batches = parallel.map_batches(batch, len(prompts), settings.batch_size)
+        found = [m for b, _ in batches for m in b]
+        seams = np.asarray([v for m in found for v in m["seams"]])
+        within = np.asarray([m["within_median"] for m in found])
+        per_clip = np.asarray([m["seam_mean"] / m["within_median"] for m in found])
+        for name, values in (("seam", seams), ("within_median", within),
+                             ("seam_over_within", per_clip),
+                             ("seam_rank", [m["seam_rank"] for m in found])):
+            s = _summary(values, seed=settings.seed, n=settings.bootstrap)
+            key = f"long/{method}/{name}"
+            out[key], out[f"{key}/n"], out[f"{key}/ci95"] = s["mean"], s["n"], s["ci95"]
+        out[f"long/{method}/seconds_per_clip"] = float(sum(t for _, t in batches) /
+                                                       len(prompts))
+    return out

@@ -35,6 +35,7 @@ from ldm_jax.diffusion.schedules import DiffusionError
 from ldm_jax.diffusion.unet import PRESETS, UNet, init_variables, make_unet
 
 SAMPLES_DIR = "samples"
+LONG_FORMS = ("window", "ditto", "none")
 SAMPLES_INDEX = "samples.json"
 
 
@@ -189,6 +190,21 @@ class Generator:
         """CLAP conditions of the prompts (as in training; see `conditioning.text_condition`)."""
         return conditioning.text_condition(self.clap, list(prompts), self.mode, self.text_layer)
 
+    def unconditional(self, cond: dict, negative: dict | None = None) -> dict:
+        """The unconditional branch's condition for `cond`'s rows: the null condition, or a
+        negative prompt's condition (`condition([negative_prompt])`) repeated."""
+        if negative is None:
+            return conditioning.null_condition(cond)
+        rows = len(cond["pooled"])
+        return {k: np.repeat(v, rows, axis=0) for k, v in negative.items()}
+
+    def initial_noise(self, seeds: Sequence[int], frames: int) -> np.ndarray:
+        """The starting noise x_T [len(seeds), frames, D] of the given seeds, each a function
+        of its seed alone."""
+        dim = self.stats.latent_dim
+        return np.stack([np.random.default_rng(int(s)).standard_normal((frames, dim))
+                         for s in seeds]).astype(np.float32)
+
     def encode_audio(self, audio, frames: int) -> tuple[np.ndarray, np.ndarray]:
         """Clips at the codec's rate -> (normalised latents [B, frames, D], bool [B, frames]
         True where the clip has audio); shorter clips are zero-padded, longer ones cut."""
@@ -212,27 +228,45 @@ class Generator:
             audio = audio[..., 0]
         return audio[0] if z.ndim == 2 else audio
 
+    def model_fn(self, params, cond, uncond, scale, *, guided: bool, controlled: bool = False,
+                 control_scale=1.0):
+        """The sampler's model function x, t -> prediction (traceable): the U-Net with
+        `params` (or `{"base", "controlnet"}` through the ControlNet when `controlled`) on the
+        conditions `cond` (and `uncond`, guided by `scale` on one doubled batch when `guided`)."""
+        unet = self.unet
+        control_model = self.controlnet.model if controlled else None
+
+        def model_fn(x, t, c):
+            if controlled:
+                return controlnet.apply_controlled(
+                    unet, params["base"], control_model, params["controlnet"], x, t,
+                    c["context"], c["context_mask"], c["pooled"], c["controls"],
+                    c["control_mask"], scale=control_scale)
+            return unet.apply({"params": params}, x, t, c["context"], c["context_mask"],
+                              c["pooled"])[0]
+
+        if guided:
+            return samplers.cfg_batched_model_fn(model_fn, cond, uncond, scale)
+        return lambda x, t: model_fn(x, t, cond)
+
+    def latents_to_audio(self, latents, samples: int) -> np.ndarray:
+        """Sampled (normalised) latents [B, frames, D] -> audio [B, samples] cut or zero-padded
+        to `samples` (with a channel axis for a multichannel codec)."""
+        z = self.stats.denormalize(np.asarray(latents, np.float32), self.normalize)
+        audio = self.codec.decode(z)[:, :samples]
+        if audio.shape[1] < samples:
+            audio = np.pad(audio, [(0, 0), (0, samples - audio.shape[1]), (0, 0)])
+        return audio[..., 0] if audio.shape[-1] == 1 else audio
+
     def _sampler(self, sampler: str, steps: int, guided: bool, strength: float | None,
                  inpaint: bool, controlled: bool = False):
         key = (sampler, steps, guided, strength, inpaint, controlled)
         if key not in self._fns:
-            unet, schedule, objective = self.unet, self.schedule, self.objective
-            control_model = self.controlnet.model if controlled else None
+            schedule, objective = self.schedule, self.objective
 
             def run(params, noise, cond, uncond, scale, x_init, known, mask, rng, control_scale):
-                def model_fn(x, t, c):
-                    if controlled:
-                        return controlnet.apply_controlled(
-                            unet, params["base"], control_model, params["controlnet"], x, t,
-                            c["context"], c["context_mask"], c["pooled"], c["controls"],
-                            c["control_mask"], scale=control_scale)
-                    return unet.apply({"params": params}, x, t, c["context"], c["context_mask"],
-                                      c["pooled"])[0]
-
-                if guided:
-                    fn = samplers.cfg_batched_model_fn(model_fn, cond, uncond, scale)
-                else:
-                    fn = lambda x, t: model_fn(x, t, cond)
+                fn = self.model_fn(params, cond, uncond, scale, guided=guided,
+                                   controlled=controlled, control_scale=control_scale)
                 return samplers.sample(sampler, fn, noise, schedule, steps, objective, rng=rng,
                                        inpaint=(known, mask) if inpaint else None,
                                        x_init=x_init if strength is not None else None,
@@ -247,6 +281,8 @@ class Generator:
                  init_audio=None, strength: float = 0.6, inpaint_audio=None,
                  inpaint_start: float | None = None, inpaint_end: float | None = None,
                  controls=None, control_ranges=None, control_scale: float = 1.0,
+                 long_form: str | None = None, window_seconds: float | None = None,
+                 overlap_seconds: float | None = None, ditto_config=None,
                  return_latents: bool = False, progress: bool = False,
                  batches: Sequence[int] | None = None):
         """Generates one clip per prompt, on this host's devices.
@@ -276,6 +312,15 @@ class Generator:
           control_ranges: `{name: (start, end)}` seconds where a control is given (default:
             all of the clip); outside it the control is masked.
           control_scale: multiplies the ControlNet's residuals (0: the base model).
+          long_form: how a clip longer than `window_seconds` is made: "window" (windowed
+            outpainting: windows of `window_seconds`, each inpainting its first
+            `overlap_seconds` with the end of the previous one, all decoded together),
+            "ditto" (each window's noise optimised so its overlap matches instead, with
+            `ditto_config`, a `ditto.DittoConfig`), or "none" (sampled in one piece). Default:
+            "window" for text alone, "none" with init, inpaint or control inputs.
+          window_seconds: the window (default: the training length).
+          overlap_seconds: the overlap (default: a quarter of the window).
+          ditto_config: the `ditto.DittoConfig` of long_form="ditto" (default: its defaults).
           return_latents: also return the sampled latents (normalised) [B, frames, D].
           progress: show a progress bar over batches.
           batches: generate only these batches of `batch_size` prompts (`generate_shared`);
@@ -311,6 +356,14 @@ class Generator:
                                      "length (data.crop_seconds)")
         frames = self.frames_for(seconds)
         dim = self.stats.latent_dim
+        inputs = [name for name, value in (("init_audio", init_audio),
+                                           ("inpaint_audio", inpaint_audio),
+                                           ("controls", controls)) if value is not None]
+        if long_form in ("window", "ditto") and inputs:
+            raise DiffusionError(f"long-form generation takes text alone, not {inputs[0]}; "
+                                 "say long_form='none' to sample the clip in one piece")
+        plan = self.long_form_plan(seconds, "none" if inputs and long_form is None else
+                                   long_form or "window", window_seconds, overlap_seconds)
 
         def per_prompt(x):
             return np.broadcast_to(x, (n,) + x.shape[1:]) if x.shape[0] == 1 else x
@@ -340,9 +393,14 @@ class Generator:
                                                       self.stats.frame_rate, control_ranges)
         guided = not (isinstance(cfg_scale, int | float) and float(cfg_scale) == 1.0)
         negative = self.condition([negative_prompt]) if negative_prompt else None
+        if plan is not None and plan["method"] == "ditto":
+            from ldm_jax.diffusion import ditto
+            ditto_config = ditto_config or ditto.DittoConfig()
+            sampler, steps = ditto_config.sampler, ditto_config.sampler_steps
+            cfg_scale, guided = ditto_config.cfg_scale, float(ditto_config.cfg_scale) != 1.0
         fn = self._sampler(sampler, int(steps), guided,
-                           float(strength) if x_init is not None else None, known is not None,
-                           values is not None)
+                           float(strength) if x_init is not None else None,
+                           known is not None or plan is not None, values is not None)
         params = self.params if values is None else {"base": self.params,
                                                      "controlnet": self.controlnet.params}
         samples = int(round(float(seconds) * self.sample_rate))
@@ -355,27 +413,24 @@ class Generator:
             rows = min(self.batch_size, n - begin)
             size = parallel.bucket_rows(rows, self.batch_size)
             take = functools.partial(_rows, begin=begin, rows=rows, size=size)
-            noise = np.stack([np.random.default_rng(s).standard_normal((frames, dim))
-                              for s in seeds[begin:begin + rows]]).astype(np.float32)
-            noise = _rows(noise, begin=0, rows=rows, size=size)  # already this chunk's rows
+            noise = _rows(self.initial_noise(seeds[begin:begin + rows], frames), begin=0,
+                          rows=rows, size=size)  # already this chunk's rows
             cond = {k: _rows(v, begin=0, rows=rows, size=size)
                     for k, v in self.condition(prompts[begin:begin + rows]).items()}
-            if negative is not None:
-                uncond = {k: np.repeat(v, size, axis=0) for k, v in negative.items()}
-            else:
-                uncond = conditioning.null_condition(cond)
+            uncond = self.unconditional(cond, negative)
             if values is not None:  # the same controls in both halves of the guided batch
                 both = {"controls": take(values), "control_mask": take(given)}
                 cond, uncond = {**cond, **both}, {**uncond, **both}
-            latents = np.asarray(fn(params, noise, cond, uncond, jnp.float32(cfg_scale),
-                                    take(x_init), take(known), take(mask),
-                                    jax.random.key(seeds[begin]),
-                                    jnp.float32(control_scale)))[:rows]
-            z = self.stats.denormalize(latents, self.normalize)
-            audio = self.codec.decode(z)[:, :samples]
-            if audio.shape[1] < samples:
-                audio = np.pad(audio, [(0, 0), (0, samples - audio.shape[1]), (0, 0)])
-            audio_out.append(audio[..., 0] if audio.shape[-1] == 1 else audio)
+            if plan is not None:
+                latents = self._sample_windows(
+                    plan, fn, prompts[begin:begin + rows], seeds[begin:begin + rows], size,
+                    cond, uncond, cfg_scale, ditto_config)
+            else:
+                latents = np.asarray(fn(params, noise, cond, uncond, jnp.float32(cfg_scale),
+                                        take(x_init), take(known), take(mask),
+                                        jax.random.key(seeds[begin]),
+                                        jnp.float32(control_scale)))[:rows]
+            audio_out.append(self.latents_to_audio(latents, samples))
             latents_out.append(latents)
         shape = (0, samples) if self.codec.config.channels == 1 else \
             (0, samples, self.codec.config.channels)
@@ -383,6 +438,73 @@ class Generator:
         latents = np.concatenate(latents_out) if latents_out else \
             np.zeros((0, frames, dim), np.float32)
         return (audio, latents) if return_latents else audio
+
+    def long_form_plan(self, seconds: float, long_form: str = "window",
+                       window_seconds: float | None = None,
+                       overlap_seconds: float | None = None) -> dict | None:
+        """How a clip of `seconds` is made in windows (see `generate`), or None when it is
+        sampled in one piece (long_form "none", or no longer than the window).
+
+        Returns:
+          {"method", "frames" (of the clip), "window_frames", "overlap_frames", "windows",
+           "boundaries": the seconds where each later window's new frames begin}.
+        """
+        if long_form not in LONG_FORMS:
+            raise DiffusionError(f"long_form={long_form!r}: use one of {LONG_FORMS}")
+        if long_form == "none":
+            return None
+        window = self.default_seconds if window_seconds is None else float(window_seconds)
+        if window is None:
+            raise DiffusionError("give window_seconds: this model's config records no "
+                                 "training length (data.crop_seconds)")
+        if not (np.isfinite(window) and window > 0):
+            raise DiffusionError(f"window_seconds must be a positive number, got {window}")
+        if float(seconds) <= window + 1e-9:
+            return None
+        overlap = window / 4 if overlap_seconds is None else float(overlap_seconds)
+        rate = self.stats.frame_rate
+        window_frames = self.frames_for(window)
+        overlap_frames = int(round(overlap * rate))
+        if not (np.isfinite(overlap) and 1 <= overlap_frames < window_frames - 1):
+            raise DiffusionError(f"overlap_seconds={overlap:g} must be at least one latent "
+                                 f"frame and shorter than the window of {window:g} s")
+        frames = self.frames_for(seconds)
+        hop = window_frames - overlap_frames
+        count = 1 + -(-(frames - window_frames) // hop)
+        return {"method": long_form, "frames": frames, "window_frames": window_frames,
+                "overlap_frames": overlap_frames, "windows": count,
+                "boundaries": [(k * hop + overlap_frames) / rate for k in range(1, count)]}
+
+    def _sample_windows(self, plan: dict, fn, prompts, seeds, size: int, cond, uncond,
+                        cfg_scale, ditto_config) -> np.ndarray:
+        """Latents [rows, frames, D] of one batch made window by window: each window's noise
+        is its span of the seed's noise over the whole length; after the first, a window
+        keeps its overlap with the one before (inpainted, or matched by DITTO)."""
+        rows = len(seeds)
+        wf, of, count = plan["window_frames"], plan["overlap_frames"], plan["windows"]
+        hop = wf - of
+        noise = _rows(self.initial_noise(seeds, wf + (count - 1) * hop), begin=0, rows=rows,
+                      size=size)
+        out = None
+        for k in range(count):
+            window = noise[:, k * hop:k * hop + wf]
+            known = np.zeros_like(window)
+            mask = np.zeros(window.shape[:2] + (1,), np.float32)
+            if out is not None:
+                known[:, :of], mask[:, :of] = out[:, -of:], 1.0
+            if out is not None and plan["method"] == "ditto":
+                from ldm_jax.diffusion import ditto
+                term = ditto.region(known[:rows], mask[:rows, :, 0] > 0)
+                latents = ditto.Ditto.of(self).run(
+                    prompts, [term], config=ditto_config,
+                    seconds=(wf - 1) / self.stats.frame_rate, seed=seeds,
+                    x_T=window[:rows])["latents"]
+            else:
+                latents = np.asarray(fn(self.params, window, cond, uncond,
+                                        jnp.float32(cfg_scale), None, known, mask,
+                                        jax.random.key(seeds[0] + k), jnp.float32(1.0)))[:rows]
+            out = latents if out is None else np.concatenate([out, latents[:, of:]], axis=1)
+        return out[:, :plan["frames"]]
 
     def generate_shared(self, prompts: Sequence[str], *, seed: int | Sequence[int] = 0,
                         progress: bool = False, **kwargs) -> np.ndarray:

@@ -500,3 +500,143 @@ def test_paired_p_value_and_frechet_interval():
     emb = rng.normal(size=(64, 4))
     low, high = generation.frechet_interval(emb, emb + 0.5, n=50)
     assert low < generation.frechet_distance(emb, emb + 0.5) * 1.5 and low <= high
+
+
+def test_ditto_reaches_the_noise_through_the_codec_and_runs_from_api_and_cli(chain, tmp_path,
+                                                                           capsys):
+    """DITTO on the random chain: the gradient of an audio loss reaches x_T through the U-Net
+    and the codec decoder (it matches finite differences); every task runs from `ditto(...)`;
+    the command writes the audio and the loss trajectory and refuses bad input in one line."""
+    from ldm_jax import cli
+    from ldm_jax.controls import controls_from_file
+    from ldm_jax.diffusion import ditto
+
+    w, gen = chain
+    runner = ditto.Ditto(gen)
+    frames, samples, feature_frames = runner.frames(SECONDS)
+    term = ditto.fit_frames(ditto.intensity(np.linspace(-40, -20, feature_frames)),
+                            feature_frames, frames)
+    objective = ditto._objective(runner.problem(samples, True), [term],
+                                 ditto.DittoConfig(), 3, "ddim", True)
+    cond = gen.condition(CAPTIONS[:1])
+    context = {"cond": cond, "uncond": gen.unconditional(cond), "scale": np.float32(3.0)}
+
+    def loss(x):
+        return jnp.sum(objective(gen.params, gen.codec.variables, x, context,
+                                 [dict(term.arrays)])[0])
+
+    x = jnp.asarray(gen.initial_noise([0], frames))
+    grad = jax.jit(jax.grad(loss))(x)
+    assert np.isfinite(np.asarray(grad)).all() and float(jnp.abs(grad).max()) > 0
+    direction = np.random.default_rng(1).standard_normal(x.shape)
+    direction = jnp.asarray(direction / np.linalg.norm(direction), jnp.float32)
+    # The random decoder's dB curves carry float32 noise of about 1 in 4600: a wide step.
+    eps = 0.1
+    numeric = (loss(x + eps * direction) - loss(x - eps * direction)) / (2 * eps)
+    assert float(numeric) == pytest.approx(float(jnp.sum(grad * direction)), rel=0.1)
+
+    config = ditto.DittoConfig(iterations=3, sampler_steps=2)
+    csv = tmp_path / "curve.csv"
+    csv.write_text("time,db\n0,-40\n0.3,-20\n")
+    curve = controls_from_file(csv, frame_rate=100.0)
+    result = ditto.ditto(CAPTIONS[:2], workdir=w, seconds=SECONDS, generator=gen,
+                         controls={"dynamics": curve}, control_ranges={"dynamics": (0.1, None)},
+                         structure_pattern="ABA", loop_seconds=0.08, config=config,
+                         weights={"structure": 2.0})
+    assert result["history"].shape == (4, 2) and result["audio"].shape == (2, samples)
+    assert set(result["terms"]) == {"intensity", "structure", "loop"}
+    assert result["output"].shape == (2, (frames - 8) * SR // 100)  # one period of the loop
+    again = ditto.ditto(CAPTIONS[:2], workdir=w, seconds=SECONDS, generator=gen,
+                        controls={"dynamics": curve}, control_ranges={"dynamics": (0.1, None)},
+                        structure_pattern="ABA", loop_seconds=0.08, config=config,
+                        weights={"structure": 2.0})
+    np.testing.assert_array_equal(result["x_T"], again["x_T"])  # deterministic per seed
+    reference = np.sin(np.arange(int(0.5 * SR)) / SR * 2 * np.pi * 330).astype(np.float32)
+    out = ditto.ditto(CAPTIONS[0], workdir=w, seconds=SECONDS, generator=gen, config=config,
+                      outpaint_audio=reference, outpaint_seconds=0.1)
+    assert out["output"].shape == (1, int(round((0.5 - 0.1 + SECONDS) * SR)))
+    inpainted = ditto.ditto(CAPTIONS[0], workdir=w, seconds=SECONDS, generator=gen,
+                            config=config, inpaint_audio=reference[:samples], inpaint_start=0.1,
+                            inpaint_end=0.2)
+    assert inpainted["output"].shape == (1, samples)
+
+    ref = tmp_path / "ref.wav"
+    sf.write(ref, reference, SR)
+    wav, trajectory = tmp_path / "d.wav", tmp_path / "d.json"
+    base = ["ditto", "--workdir", w, "a calm melody", "--seconds", str(SECONDS),
+            "--iterations", "2", "--sampler-steps", "2", "-o", str(wav)]
+    assert cli.main(base + ["--dynamics-from", str(ref), "--melody-from", str(ref),
+                            "--json", str(trajectory)]) == 0
+    record = json.loads(trajectory.read_text())
+    assert len(record["loss"][0]) == 3 and set(record["terms"]) == {"intensity", "melody"}
+    assert sf.info(wav).duration == pytest.approx(SECONDS, abs=0.01)
+    capsys.readouterr()
+    for extra, message in (([], "nothing to optimise toward"),
+                           (["--loop", "--weight", "loop=-1"], "--weight 'loop=-1'"),
+                           (["--structure", "A"], "section letters"),
+                           (["--outpaint", str(tmp_path / "none.wav")], "no such file"),
+                           (["--loop", "--inpaint-start", "0.1"], "need --inpaint"),
+                           (["--loop", "--loop-seconds", "0.2"], "needs a clip of more")):
+        assert cli.main(base + extra) == 2, extra
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+
+
+def test_long_form_generates_window_by_window(chain):
+    """Beyond the window, clips are made window by window: the first window is plain
+    sampling's clip of that length, each later one keeps its overlap exactly; DITTO
+    outpainting runs too; long-form with another input is refused."""
+    from ldm_jax.diffusion import ditto
+
+    _, gen = chain
+    window, overlap, seconds = 0.16, 0.04, 0.5
+    plan = gen.long_form_plan(seconds, "window", window, overlap)
+    assert plan["windows"] == 4 and plan["overlap_frames"] == 4 and plan["window_frames"] == 17
+    assert plan["boundaries"] == pytest.approx([0.17, 0.30, 0.43])
+    assert gen.long_form_plan(0.1, "window", window, overlap) is None
+    audio, latents = run(gen, CAPTIONS[:2], seconds=seconds, long_form="window",
+                         window_seconds=window, overlap_seconds=overlap, return_latents=True)
+    assert audio.shape == (2, int(seconds * SR)) and latents.shape[1] == gen.frames_for(seconds)
+    _, first = run(gen, CAPTIONS[:2], seconds=(17 - 1) / 100, return_latents=True)
+    np.testing.assert_allclose(latents[:, :17], first, rtol=1e-4, atol=1e-5)
+    whole = run(gen, CAPTIONS[:2], seconds=seconds, long_form="none")
+    assert np.abs(whole - audio).max() > 0
+    optimised = run(gen, CAPTIONS[:1], seconds=0.3, long_form="ditto", window_seconds=window,
+                    overlap_seconds=overlap,
+                    ditto_config=ditto.DittoConfig(iterations=2, sampler_steps=2))
+    assert optimised.shape == (1, int(0.3 * SR))
+    with pytest.raises(DiffusionError, match="takes text alone"):
+        run(gen, CAPTIONS[:1], seconds=seconds, long_form="window", init_audio=audio[0])
+    with pytest.raises(DiffusionError, match="overlap_seconds"):
+        gen.long_form_plan(seconds, "window", window, 0.2)
+    with pytest.raises(DiffusionError, match="long_form="):
+        gen.long_form_plan(seconds, "sliding")
+
+
+def test_ditto_evaluation_scores_every_task_and_the_long_form(chain, tmp_path):
+    from ldm_jax.diffusion import ditto
+    from ldm_jax.diffusion.config import DittoEvalConfig
+
+    w, gen = chain
+    data = ml_collections.ConfigDict(dict(name="synthetic_music", sample_rate=SR, channels=1,
+                                          clip_seconds=SECONDS, num_train=2, num_test=2,
+                                          seed=0, shuffle_seed=0, worker_count=0,
+                                          worker_buffer_size=1))
+    builders.build("synthetic_music", data, str(tmp_path / "data"), workers=1, progress=False)
+    source = builders.open_split(str(tmp_path / "data"), "synthetic_music", "test")
+    settings = DittoEvalConfig(num_clips=2, seconds=0.3, batch_size=2, loop_seconds=0.05,
+                               bootstrap=10, fd_bootstrap=10, long_seconds=0.5, long_clips=2,
+                               long_steps=2, long_window_seconds=0.3, long_forms=("window",
+                                                                                  "ditto"))
+    scores = generation.evaluate_ditto(
+        w, source, settings, ditto.DittoConfig(iterations=2, sampler_steps=2), generator=gen,
+        progress=False)
+    assert scores["num_clips"] == 2 and not scores["controlnet"]
+    for key in ("intensity/ditto/mse_db2", "melody/ditto/accuracy", "structure/ditto/ssm_mse",
+                "loop/ditto/mismatch", "loop/plain/seam_hard", "outpaint/ditto/region_over_codec",
+                "outpaint/plain/codec_mel_distance", "intensity/ditto/fd_over_plain",
+                "p_value/intensity/ditto_vs_plain/mse_db2", "melody/seconds_per_clip",
+                "long/window/seam", "long/window/seam_rank", "long/ditto/seam"):
+        assert key in scores and np.isfinite(scores[key]), key
+    assert scores["intensity/ditto/mse_db2/n"] == 2 and scores["long/windows"] == 2
+    assert scores["intensity/ditto/mse_db2"] <= scores["intensity/plain/mse_db2"]
