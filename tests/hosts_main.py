@@ -283,6 +283,50 @@ def controlnet_run(workdir: str) -> dict:
                                       for x in jax.tree_util.tree_leaves(params))))}
 
 
+def ditto_run(workdir: str) -> dict:
+    """DITTO on a toy generation, 4 candidates in batches of 2 shared among the hosts (each
+    optimised on its own host's devices); returns every candidate's losses, gathered."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from ldm_jax import parallel
+    from ldm_jax.controls import FeatureConfig
+    from ldm_jax.diffusion import ditto, samplers
+    from ldm_jax.diffusion import schedules as sch
+
+    del workdir
+    sr, hop, frames, dim = 16000, 320, 20, 4
+    schedule = sch.make_schedule("cosine", 100)
+    features = FeatureConfig(sample_rate=sr, frame_rate=50.0, n_fft=512, smooth_seconds=0.2)
+    samples = (frames - 1) * hop
+
+    def sample(params, x, context, steps, sampler, remat):
+        return samplers.sample(sampler, lambda x, t: params * x, x, schedule, steps, "x0",
+                               remat=remat)
+
+    def decode(params, latents):
+        env = jnp.repeat(jax.nn.softplus(params * latents), hop, axis=1)[:, :samples]
+        t = jnp.arange(samples) / sr
+        tones = jnp.sin(2 * np.pi * 220.0 * (1 + jnp.arange(dim))[None] * t[:, None])
+        return 0.1 * jnp.einsum("btk,tk->bt", env, tones)
+
+    problem = ditto.Problem(sample=sample, decode=decode, features=features, samples=samples)
+    target = ditto.fit_frames(ditto.intensity(np.linspace(-30.0, -15.0, frames)),
+                              features.num_frames(samples), frames)
+    config = ditto.DittoConfig(iterations=4, sampler_steps=3, cfg_scale=1.0)
+    noise = np.random.default_rng(0).standard_normal((4, frames, dim)).astype(np.float32)
+
+    def batch(rows: range):
+        out = ditto.optimise(problem, [target], noise[rows.start:rows.stop], jnp.float32(0.9),
+                             jnp.float32(2.0), {}, config)
+        return {"loss": out["loss"].tolist(), "initial": out["initial_loss"].tolist()}
+
+    parts = parallel.map_batches(batch, 4, 2)
+    return {"loss": [v for p in parts for v in p["loss"]],
+            "initial": [v for p in parts for v in p["initial"]]}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
@@ -298,7 +342,7 @@ def main(argv=None) -> int:
               "leader": check_leader(args.workdir), "read": check_read(args.workdir),
               "chain": check_chain(args.workdir), "clap_eval": check_clap_eval(args.workdir),
               "controls_eval": check_controls_eval(args.workdir),
-              "controlnet": controlnet_run(args.workdir),
+              "controlnet": controlnet_run(args.workdir), "ditto": ditto_run(args.workdir),
               "unguarded": check_unguarded_evaluation(args.workdir)}
     with open(os.path.join(args.out, f"host{jax.process_index()}.json"), "w") as f:
         json.dump(result, f, default=str)

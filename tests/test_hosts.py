@@ -110,6 +110,18 @@ def test_controlnet_trains_on_two_hosts_as_on_one(two_hosts, tmp_path):
     np.testing.assert_allclose(two_hosts[0]["controlnet"]["norm"], alone["norm"], rtol=1e-4)
 
 
+def test_ditto_shares_its_candidates_among_hosts_as_one_host_would(two_hosts, tmp_path):
+    hosts_main = importlib.util.module_from_spec(
+        importlib.util.spec_from_file_location("hosts_main", os.path.join(HERE,
+                                                                         "hosts_main.py")))
+    hosts_main.__spec__.loader.exec_module(hosts_main)
+    alone = hosts_main.ditto_run(str(tmp_path))
+    assert two_hosts[0]["ditto"] == two_hosts[1]["ditto"]
+    assert len(alone["loss"]) == 4
+    np.testing.assert_allclose(two_hosts[0]["ditto"]["loss"], alone["loss"], rtol=1e-4)
+    assert all(b < a for a, b in zip(alone["initial"], alone["loss"]))
+
+
 def test_an_evaluation_that_reads_arrays_spanning_hosts_says_so(two_hosts):
     for host in two_hosts:
         kind, message = host["unguarded"]

@@ -451,7 +451,8 @@ def optimise(problem: Problem, terms: Sequence[Term], x_T, params, decoder_param
       {"latents": the optimised sampler's output at each candidate's best x_T [B, F, D],
        "x_T": that best x_T, "loss": its loss [B], "terms": its per-term losses {kind: [B]},
        "initial_latents" / "initial_loss" / "initial_terms": plain sampling's (x_T as given),
-       "history": the loss of every x_T scored [k + 1, B], "iterations": Adam steps taken,
+       "history": the loss of every x_T scored [k, B] (the last update's too, unless stopped
+       early), "iterations": Adam steps taken,
        "stopped_early": bool, "compile_seconds", "seconds" (the iterations' wall time),
        "memory_bytes": XLA's estimate for one iteration (None without one); with
        `config.resample_steps`, "resampled_latents", "resampled_loss", "resampled_terms" (x_T*

@@ -458,8 +458,9 @@ def _loop_scores(audio: np.ndarray, loop_frames: int, frames: int, frame_rate: f
                  sample_rate: int) -> dict:
     """Per clip: the seam of the loop played twice (`eval.seams`), cut hard where the matched
     end region begins (`seam_hard`) and as `ditto.loop_audio` makes it (`seam`), each over the
-    clip's own median (`..._over_within`); and `mismatch`, how different the end region sounds
-    from the start (`eval.seams.spectral_mismatch`, dB)."""
+    clip's own median (`..._over_within`) and as the share of the clip's own positions below it
+    (`..._rank`: 0.5 for an ordinary moment); and `mismatch`, how different the end region
+    sounds from the start (`eval.seams.spectral_mismatch`, dB)."""
     from ldm_jax.diffusion import ditto
     from ldm_jax.eval.seams import seam_discontinuity, spectral_mismatch
 
@@ -473,6 +474,7 @@ def _loop_scores(audio: np.ndarray, loop_frames: int, frames: int, frame_rate: f
         out[name] = np.asarray([m["seam_mean"] for m in found])
         out[f"{name}_over_within"] = out[name] / np.asarray([m["within_median"]
                                                              for m in found])
+        out[f"{name}_rank"] = np.asarray([m["seam_rank"] for m in found])
     out["mismatch"] = np.asarray([spectral_mismatch(a[cut:cut + fade], a[:fade], sample_rate)
                                   for a in audio])
     return out
@@ -633,8 +635,9 @@ def evaluate_ditto(workdir: str, source, settings, optimiser, *, generator=None,
               "fd_clap/real_vs_plain/ci95": frechet_interval(real, plain_emb,
                                                              n=settings.fd_bootstrap, seed=seed),
               "clap_score/plain": clap_score(plain_emb, text)}
-    lower_is_better = {"mse_db2", "ssm_mse", "seam", "seam_over_within", "seam_hard",
-                       "seam_hard_over_within", "mismatch", "region_mel_distance"}
+    lower_is_better = {"mse_db2", "ssm_mse", "seam", "seam_over_within", "seam_rank",
+                       "seam_hard", "seam_hard_over_within", "seam_hard_rank", "mismatch",
+                       "region_mel_distance"}
     for task in settings.tasks:
         labels = batches[0][task].keys()
         for label in labels:
