@@ -67,6 +67,25 @@ def _add_config(p: argparse.ArgumentParser, workdir: bool = True, data_dir: bool
                        help="TFDS data directory (default: the config's data.data_dir or W/data)")
 
 
+def _add_control_files(g, *, rhythm: bool, verb: str):
+    """The options that give controls from files: --melody-from, --dynamics-from (and
+    --rhythm-from), --melody-midi, --dynamics-curve, --control-start, --control-end."""
+    names = [("melody", "its melody"), ("dynamics", "its dynamics (level curve)")]
+    for name, what in names + ([("rhythm", "its beats and downbeats")] if rhythm else []):
+        g.add_argument(f"--{name}-from", default=None, metavar="REF",
+                       help=f"follow {what}: an audio file"
+                            + (" or a MIDI file" if name != "dynamics" else
+                               ", a MIDI file or a CSV of time,db rows"))
+    g.add_argument("--melody-midi", default=None, metavar="FILE.mid",
+                   help="the melody of a MIDI file (as --melody-from FILE.mid)")
+    g.add_argument("--dynamics-curve", default=None, metavar="FILE.csv",
+                   help="a level curve of time,db rows (as --dynamics-from FILE.csv)")
+    g.add_argument("--control-start", type=NON_NEGATIVE, default=None, metavar="S",
+                   help=f"{verb} from S seconds on (default 0)")
+    g.add_argument("--control-end", type=POSITIVE, default=None, metavar="S",
+                   help=f"{verb} up to S seconds (default: the clip's end)")
+
+
 def _add_distributed(p: argparse.ArgumentParser):
     g = p.add_argument_group("multi-host (TPU pods and SLURM are detected automatically)")
     g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
@@ -866,20 +885,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overlap-seconds", type=POSITIVE, default=None,
                    help="the overlap (default: a quarter of the window)")
     g = p.add_argument_group("time-varying controls (a ControlNet trained in W/controlnet)")
-    for name, what in (("melody", "its melody"), ("dynamics", "its dynamics (level curve)"),
-                       ("rhythm", "its beats and downbeats")):
-        g.add_argument(f"--{name}-from", default=None, metavar="REF",
-                       help=f"follow {what}: an audio file"
-                            + (" or a MIDI file" if name != "dynamics" else
-                               ", a MIDI file or a CSV of time,db rows"))
-    g.add_argument("--melody-midi", default=None, metavar="FILE.mid",
-                   help="the melody of a MIDI file (as --melody-from FILE.mid)")
-    g.add_argument("--dynamics-curve", default=None, metavar="FILE.csv",
-                   help="a level curve of time,db rows (as --dynamics-from FILE.csv)")
-    g.add_argument("--control-start", type=NON_NEGATIVE, default=None, metavar="S",
-                   help="give the controls from S seconds on (default 0)")
-    g.add_argument("--control-end", type=POSITIVE, default=None, metavar="S",
-                   help="give the controls up to S seconds (default: the clip's end)")
+    _add_control_files(g, rhythm=True, verb="give the controls")
     g.add_argument("--control-scale", type=FINITE, default=1.0,
                    help="multiplies the ControlNet's residuals (0: text alone) [1]")
     _add_config(p, default="ldm_tiny")
@@ -897,18 +903,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=COUNT, default=0, help="prompt i starts from seed + i's noise")
     p.add_argument("--negative-prompt", default=None)
     g = p.add_argument_group("targets (as many as wanted; their losses add)")
-    g.add_argument("--dynamics-from", default=None, metavar="REF",
-                   help="follow the level curve of an audio or MIDI file")
-    g.add_argument("--dynamics-curve", default=None, metavar="FILE.csv",
-                   help="a level curve of time,db rows")
-    g.add_argument("--melody-from", default=None, metavar="REF",
-                   help="follow the melody of an audio or MIDI file")
-    g.add_argument("--melody-midi", default=None, metavar="FILE.mid",
-                   help="the melody of a MIDI file (as --melody-from FILE.mid)")
-    g.add_argument("--control-start", type=NON_NEGATIVE, default=None, metavar="S",
-                   help="follow the dynamics / melody from S seconds on")
-    g.add_argument("--control-end", type=POSITIVE, default=None, metavar="S",
-                   help="follow them up to S seconds")
+    _add_control_files(g, rhythm=False, verb="follow the dynamics and melody")
     g.add_argument("--structure", default=None, metavar="PATTERN",
                    help="a section pattern over equal sections, e.g. AABA")
     g.add_argument("--loop", action="store_true",

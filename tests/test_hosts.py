@@ -24,6 +24,14 @@ toy = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(toy)
 
 
+def _hosts_main():
+    """hosts_main.py as a module, to run its checks on one process."""
+    module = importlib.util.module_from_spec(importlib.util.spec_from_file_location(
+        "hosts_main", os.path.join(HERE, "hosts_main.py")))
+    module.__spec__.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="module")
 def two_hosts(tmp_path_factory):
     root = tmp_path_factory.mktemp("hosts")
@@ -84,10 +92,7 @@ def test_control_scores_are_shared_among_hosts_and_equal_one_hosts(two_hosts):
     from ldm_jax import controls
     from ldm_jax.controls import evaluate as control_eval
     cfg = controls.FeatureConfig(sample_rate=16000, frame_rate=50)
-    hosts_main = importlib.util.module_from_spec(
-        importlib.util.spec_from_file_location("hosts_main", os.path.join(HERE,
-                                                                         "hosts_main.py")))
-    hosts_main.__spec__.loader.exec_module(hosts_main)
+    hosts_main = _hosts_main()
     alone = control_eval.score_clips(hosts_main.controls_examples(), cfg,
                                      transform=lambda x: 0.5 * x, batch_size=1)
     alone = json.loads(json.dumps(alone))
@@ -99,10 +104,7 @@ def test_control_scores_are_shared_among_hosts_and_equal_one_hosts(two_hosts):
 
 
 def test_controlnet_trains_on_two_hosts_as_on_one(two_hosts, tmp_path):
-    hosts_main = importlib.util.module_from_spec(
-        importlib.util.spec_from_file_location("hosts_main", os.path.join(HERE,
-                                                                         "hosts_main.py")))
-    hosts_main.__spec__.loader.exec_module(hosts_main)
+    hosts_main = _hosts_main()
     alone = hosts_main.controlnet_run(str(tmp_path))
     assert two_hosts[0]["controlnet"] == two_hosts[1]["controlnet"]
     assert len(alone["losses"]) == 2
@@ -111,10 +113,7 @@ def test_controlnet_trains_on_two_hosts_as_on_one(two_hosts, tmp_path):
 
 
 def test_ditto_shares_its_candidates_among_hosts_as_one_host_would(two_hosts, tmp_path):
-    hosts_main = importlib.util.module_from_spec(
-        importlib.util.spec_from_file_location("hosts_main", os.path.join(HERE,
-                                                                         "hosts_main.py")))
-    hosts_main.__spec__.loader.exec_module(hosts_main)
+    hosts_main = _hosts_main()
     alone = hosts_main.ditto_run(str(tmp_path))
     assert two_hosts[0]["ditto"] == two_hosts[1]["ditto"]
     assert len(alone["loss"]) == 4

@@ -669,16 +669,12 @@ class Ditto:
           where resampled; and
           "seconds_per_iteration", "clip_seconds", "prompts", "seeds".
         """
+        from ldm_jax.diffusion.generate import prompts_and_seeds
+
         config = config or DittoConfig()
         gen = self.gen
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not prompts:
-            raise DiffusionError("no prompts to optimise")
+        prompts, seeds = prompts_and_seeds(prompts, seed)
         n = len(prompts)
-        seeds = [int(seed) + i for i in range(n)] if isinstance(seed, int | np.integer) \
-            else [int(s) for s in seed]
-        if len(seeds) != n:
-            raise DiffusionError(f"{len(seeds)} seeds for {n} prompts; give one per prompt")
         seconds = self.seconds_or_default(seconds)
         frames, samples, feature_frames = self.frames(seconds)
         terms = [fit_frames(t, feature_frames, frames) for t in terms]

@@ -332,15 +332,8 @@ class Generator:
         """
         from tqdm.auto import tqdm
 
-        single = isinstance(prompts, str)
-        prompts = [prompts] if single else list(prompts)
-        if not prompts:
-            raise DiffusionError("no prompts to generate from")
+        prompts, seeds = prompts_and_seeds(prompts, seed)
         n = len(prompts)
-        seeds = [int(seed) + i for i in range(n)] if isinstance(seed, int | np.integer) \
-            else [int(s) for s in seed]
-        if len(seeds) != n:
-            raise DiffusionError(f"{len(seeds)} seeds for {n} prompts; give one per prompt")
         _check_options(seconds=seconds, steps=steps, cfg_scale=cfg_scale, strength=strength,
                        sampler=sampler)
         if seconds is None:
@@ -511,9 +504,7 @@ class Generator:
         """`generate` with its batches shared among the hosts; every host must call it, and
         every host gets all the clips (those one host would generate). Arguments are those of
         `generate`."""
-        prompts = list(prompts)
-        seeds = [int(seed) + i for i in range(len(prompts))] \
-            if isinstance(seed, int | np.integer) else [int(s) for s in seed]
+        prompts, seeds = prompts_and_seeds(prompts, seed)
         mine = parallel.host_batches(-(-len(prompts) // self.batch_size))
         audio = self.generate(prompts, seed=seeds, batches=mine,
                               progress=progress and parallel.is_leader(), **kwargs)
@@ -523,6 +514,21 @@ class Generator:
             parts.append(audio[start:start + rows])
             start += rows
         return np.concatenate(parallel.gather_batches(parts))
+
+
+def prompts_and_seeds(prompts: str | Sequence[str], seed: int | Sequence[int]
+                      ) -> tuple[list[str], list[int]]:
+    """The prompts as a list and one seed each: seed + i for prompt i from an int, else the
+    seeds given (as many as prompts)."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise DiffusionError("no prompts to generate from")
+    n = len(prompts)
+    seeds = [int(seed) + i for i in range(n)] if isinstance(seed, int | np.integer) \
+        else [int(s) for s in seed]
+    if len(seeds) != n:
+        raise DiffusionError(f"{len(seeds)} seeds for {n} prompts; give one per prompt")
+    return prompts, seeds
 
 
 def _check_options(*, seconds, steps, cfg_scale, strength, sampler):
