@@ -27,7 +27,7 @@ def main(argv=None):
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
 
-    from ldm_jax import provenance
+    from ldm_jax import parallel, provenance
     from ldm_jax.diffusion import ditto, generate
 
     gen = generate.Generator(args.workdir, batch_size=args.batch)
@@ -49,7 +49,7 @@ def main(argv=None):
             compiled = jax.jit(step).lower(gen.params, gen.codec.variables, state, context,
                                            [dict(term.arrays)]).compile()
             rows.append({"steps": steps, "remat": remat,
-                         "memory_bytes": ditto.memory_bytes(compiled),
+                         "memory_bytes": parallel.memory_estimate(compiled),
                          "compile_seconds": time.perf_counter() - start})
             print(rows[-1], flush=True)
     for remat in (True, False):

@@ -98,16 +98,11 @@ def peak_memory(compiled, device: jax.Device | None = None) -> tuple[int | None,
         stats = None
     if stats and stats.get("peak_bytes_in_use"):
         return int(stats["peak_bytes_in_use"]), "device.memory_stats()['peak_bytes_in_use']"
-    try:
-        analysis = compiled.memory_analysis() if compiled is not None else None
-    except Exception:  # noqa: BLE001 — not every backend implements it
-        analysis = None
-    if analysis is None:
+    from ldm_jax.parallel import memory_estimate
+
+    total = memory_estimate(compiled)
+    if total is None:
         return None, "unavailable"
-    size = lambda field: int(getattr(analysis, field, 0) or 0)
-    # A donated state's outputs reuse its argument buffers (aliased): counted once.
-    total = (size("argument_size_in_bytes") + size("output_size_in_bytes")
-             - size("alias_size_in_bytes") + size("temp_size_in_bytes"))
     return total, "compiled.memory_analysis(): argument + output - aliased + temp bytes"
 
 

@@ -454,10 +454,9 @@ def feature_config(cfg):
     data's sample rate, at the codec's latent frame rate unless the section sets one."""
     from ldm_jax.codec import CodecConfig
     from ldm_jax.controls import FeatureConfig
-    fields = dict(cfg.controls.features)
-    if not fields.get("frame_rate"):
-        fields["frame_rate"] = CodecConfig.from_dict(cfg.codec.model).frame_rate
-    return FeatureConfig.from_dict({"sample_rate": int(cfg.data.sample_rate), **fields})
+    return FeatureConfig.from_section(
+        cfg.controls.features, sample_rate=int(cfg.data.sample_rate),
+        frame_rate=CodecConfig.from_dict(cfg.codec.model).frame_rate)
 
 
 def codec_roundtrip(workdir: str, sample_rate: int) -> Callable:

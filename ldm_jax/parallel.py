@@ -154,6 +154,21 @@ def tree_shardings(tree, mesh: Mesh):
         one, tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
+def memory_estimate(compiled) -> int | None:
+    """XLA's static estimate of a compiled program's memory in bytes: arguments + outputs +
+    temporaries, outputs that reuse a donated argument's buffer counted once; None where the
+    backend gives none."""
+    try:
+        analysis = compiled.memory_analysis() if compiled is not None else None
+    except Exception:  # noqa: BLE001 — backends without the analysis raise instead
+        analysis = None
+    if analysis is None:
+        return None
+    size = lambda field: int(getattr(analysis, field, 0) or 0)
+    return (size("argument_size_in_bytes") + size("output_size_in_bytes")
+            - size("alias_size_in_bytes") + size("temp_size_in_bytes"))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 

@@ -90,6 +90,15 @@ class FeatureConfig(Section):
         if self.temperature <= 0:
             raise ControlsError(f"temperature must be positive, got {self.temperature}")
 
+    @classmethod
+    def from_section(cls, section, *, sample_rate: int, frame_rate: float) -> FeatureConfig:
+        """The config of a `controls.features` section (None: the defaults) for audio at
+        SAMPLE_RATE, at FRAME_RATE unless the section sets a frame rate (0: unset)."""
+        fields = dict(section or {})
+        if not fields.get("frame_rate"):
+            fields["frame_rate"] = float(frame_rate)
+        return cls.from_dict({"sample_rate": int(sample_rate), **fields})
+
     @property
     def hop_length(self) -> int:
         return int(round(self.sample_rate / self.frame_rate))

@@ -32,15 +32,17 @@ of the decoded audio, computed once for all audio terms):
 
 The candidates (the batch) are independent: the gradient of the loss summed over candidates has
 each candidate's gradient in its own rows, Adam is element-wise, and each candidate keeps the
-x_T of its lowest loss. One iteration (sampling, decoding, features, losses, gradient, update,
-best-keeping) is one jitted call, its candidates sharded over this host's devices on the batch
-axes.
+x_T of its lowest loss (kept on the host, from the losses each iteration returns). One
+iteration (sampling, decoding, features, losses, gradient, update) is one jitted call, its
+candidates sharded over this host's devices on the batch axes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -341,9 +343,8 @@ def make_step(problem: Problem, terms: Sequence[Term], config: DittoConfig):
     """One DITTO iteration, a pure function to jit:
 
     `(params, decoder_params, state, context, arrays) -> (state, loss [B], parts [B] per term,
-    latents [B, F, D])` with state `{"x", "opt", "best_x", "best_loss"}`: the losses and
-    latents are those of `state["x"]` before the update (each candidate keeps its best x), the
-    new state holds the Adam-updated x.
+    latents [B, F, D])` with state `{"x", "opt"}`: the losses and latents are those of
+    `state["x"]` before the update, the new state holds the Adam-updated x.
     """
     objective = _objective(problem, terms, config, config.sampler_steps, config.sampler,
                            config.remat)
@@ -357,32 +358,37 @@ def make_step(problem: Problem, terms: Sequence[Term], config: DittoConfig):
         (_, (total, parts, latents)), grad = jax.value_and_grad(summed, has_aux=True)(
             state["x"])
         updates, opt = optimizer.update(grad, state["opt"], state["x"])
-        better = total < state["best_loss"]
-        new = {"x": optax.apply_updates(state["x"], updates), "opt": opt,
-               "best_x": jnp.where(better[:, None, None], state["x"], state["best_x"]),
-               "best_loss": jnp.where(better, total, state["best_loss"])}
-        return new, total, parts, latents
+        return {"x": optax.apply_updates(state["x"], updates), "opt": opt}, total, parts, \
+            latents
 
     return step, optimizer
 
 
 def init_state(optimizer, x: jax.Array) -> dict:
-    """The optimisation state at x_T = x (no best yet)."""
-    return {"x": x, "opt": optimizer.init(x), "best_x": x,
-            "best_loss": jnp.full((x.shape[0],), jnp.inf, jnp.float32)}
+    """The optimisation state at x_T = x."""
+    return {"x": x, "opt": optimizer.init(x)}
 
 
-def memory_bytes(compiled) -> int | None:
-    """XLA's estimate of a compiled function's memory: arguments, outputs and temporaries
-    (None where the backend gives no estimate)."""
-    try:
-        m = compiled.memory_analysis()
-    except (NotImplementedError, RuntimeError):
-        return None
-    if m is None:
-        return None
-    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-               - m.alias_size_in_bytes)
+class _Best:
+    """Each candidate's best x_T so far, with its loss, per-term losses and latents (host)."""
+
+    def __init__(self):
+        self.value = None
+
+    def keep(self, x, total, parts, latents):
+        new = {"x": np.asarray(x), "loss": total, "terms": parts, "latents": latents}
+        if self.value is None:
+            self.value = new
+            return
+        old = self.value
+        better = (total < old["loss"]) | (np.isnan(old["loss"]) & ~np.isnan(total))
+
+        def pick(a, b):
+            return np.where(better.reshape((-1,) + (1,) * (np.ndim(a) - 1)), a, b)
+
+        self.value = {"x": pick(new["x"], old["x"]), "loss": pick(total, old["loss"]),
+                      "terms": {k: pick(v, old["terms"][k]) for k, v in parts.items()},
+                      "latents": pick(latents, old["latents"])}
 
 
 class _Compiled:
@@ -393,7 +399,7 @@ class _Compiled:
         start = time.perf_counter()
         self.compiled = jax.jit(fn).lower(*args).compile()
         self.seconds = time.perf_counter() - start
-        self.memory = memory_bytes(self.compiled)
+        self.memory = parallel.memory_estimate(self.compiled)
 
     def __call__(self, *args):
         args = jax.device_put(args, self.compiled.input_shardings[0])
@@ -471,11 +477,12 @@ def optimise(problem: Problem, terms: Sequence[Term], x_T, params, decoder_param
     arrays, context = put([dict(t.arrays) for t in terms]), put(context)
     params, decoder_params = put(params), put(decoder_params)
     state = put(init_state(optimizer, x_T))
-    statics = (tuple(t.static for t in terms), config)
-    compiled, compile_seconds = _compile(cache, ("step", statics), lambda: step, params,
-                                         decoder_params, state, context, arrays)
+    statics = tuple(t.static for t in terms)
+    compiled, compile_seconds = _compile(
+        cache, ("step", statics, config.lr, config.sampler, config.sampler_steps, config.remat),
+        lambda: step, params, decoder_params, state, context, arrays)
     evaluate, seconds = _compile(
-        cache, ("evaluate", statics), lambda: _objective(
+        cache, ("evaluate", statics, config.sampler, config.sampler_steps), lambda: _objective(
             problem, terms, config, config.sampler_steps, config.sampler, False),
         params, decoder_params, state["x"], context, arrays)
     compile_seconds += seconds
@@ -484,36 +491,39 @@ def optimise(problem: Problem, terms: Sequence[Term], x_T, params, decoder_param
         total, parts, latents = outputs
         return np.asarray(total), dict(zip(names, map(np.asarray, parts))), np.asarray(latents)
 
-    history, initial, start = [], None, time.perf_counter()
+    history, initial, best, start = [], None, _Best(), time.perf_counter()
     bar = tqdm(range(config.iterations), desc=desc, disable=not progress, leave=False)
     stopped = False
     for _ in bar:
+        x = state["x"]
         state, *outputs = compiled(params, decoder_params, state, context, arrays)
         total, parts, latents = scored(outputs)
         history.append(total)
+        best.keep(x, total, parts, latents)
         initial = initial or (total, parts, latents)
         bar.set_postfix(loss=f"{float(np.mean(total)):.4g}",
-                        best=f"{float(np.mean(np.asarray(state['best_loss']))):.4g}")
+                        best=f"{float(np.mean(best.value['loss'])):.4g}")
         if config.tolerance > 0 and np.all(total <= config.tolerance):
             stopped = True
             break
     iterations = len(history) - stopped
     if not stopped:  # the last update is scored too
-        total = scored(evaluate(params, decoder_params, state["x"], context, arrays))[0]
+        total, parts, latents = scored(evaluate(params, decoder_params, state["x"], context,
+                                                arrays))
         history.append(total)
-        better = total < np.asarray(state["best_loss"])
-        state["best_x"] = jnp.where(better[:, None, None], state["x"], state["best_x"])
+        best.keep(state["x"], total, parts, latents)
     seconds = time.perf_counter() - start
-    best_x = state["best_x"]
-    total, parts, latents = scored(evaluate(params, decoder_params, best_x, context, arrays))
-    out = {"latents": latents, "x_T": np.asarray(best_x), "loss": total, "terms": parts,
+    b = best.value
+    best_x = put(b["x"])
+    out = {"latents": b["latents"], "x_T": b["x"], "loss": b["loss"], "terms": b["terms"],
            "initial_latents": initial[2], "initial_loss": initial[0],
            "initial_terms": initial[1], "history": np.stack(history), "iterations": iterations,
            "stopped_early": stopped, "compile_seconds": compile_seconds,
            "seconds": seconds, "memory_bytes": compiled.memory}
     if config.resample_steps:
         again, seconds = _compile(
-            cache, ("resample", statics), lambda: _objective(
+            cache, ("resample", statics, config.resample_sampler, config.resample_steps),
+            lambda: _objective(
                 problem, terms, config, config.resample_steps, config.resample_sampler, False),
             params, decoder_params, best_x, context, arrays)
         out["compile_seconds"] += seconds
@@ -535,16 +545,13 @@ def feature_config(gen) -> control_features.FeatureConfig:
 
     from ldm_jax import paths
 
-    fields = {}
+    section = {}
     if gen.root is not None:
         path = os.path.join(gen.root, "config.json")
         if paths.isfile(path):
-            fields = dict((json.loads(paths.read_text(path)).get("controls") or {})
-                          .get("features") or {})
-    if not fields.get("frame_rate"):
-        fields["frame_rate"] = gen.stats.frame_rate
-    return control_features.FeatureConfig.from_dict({**fields, "sample_rate": gen.sample_rate},
-                                                    section="controls.features")
+            section = (json.loads(paths.read_text(path)).get("controls") or {}).get("features")
+    return control_features.FeatureConfig.from_section(
+        section, sample_rate=gen.sample_rate, frame_rate=gen.stats.frame_rate)
 
 
 def control_terms(controls: Mapping, frame_rate: float, weights: Mapping | None = None,
@@ -576,6 +583,9 @@ def control_terms(controls: Mapping, frame_rate: float, weights: Mapping | None 
         out.append(intensity(values, mask=inside, weight=w) if name == "dynamics" else
                    melody(np.where(inside, values, -1), weight=w))
     return out
+
+
+_RUNNERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class Ditto:
@@ -623,12 +633,11 @@ class Ditto:
 
     @classmethod
     def of(cls, generator) -> Ditto:
-        """The DITTO runner of a Generator, made once and kept with it (with its compiled
-        steps)."""
-        runner = generator.__dict__.get("_ditto_runner")
-        if runner is None:
-            runner = generator.__dict__["_ditto_runner"] = cls(generator)
-        return runner
+        """The DITTO runner of a Generator, made once while the Generator lives (with its
+        compiled steps)."""
+        if generator not in _RUNNERS:
+            _RUNNERS[generator] = cls(generator)
+        return _RUNNERS[generator]
 
     def seconds_or_default(self, seconds: float | None) -> float:
         if seconds is None:
@@ -855,6 +864,13 @@ def audio_losses(terms: Sequence[Term], audio, cfg: control_features.FeatureConf
     """The audio terms' losses [B] of clips [B, samples] (e.g. another generator's outputs,
     scored as DITTO scores its own)."""
     terms = [t for t in terms if t.kind in AUDIO_TASKS]
-    fn = jax.jit(lambda a, x: term_losses(terms, a, None, x, cfg))
+    fn = _audio_loss_fn(tuple((t.kind, t.size, t.option) for t in terms), cfg)
     return [np.asarray(v) for v in fn([dict(t.arrays) for t in terms],
                                       jnp.asarray(audio, jnp.float32))]
+
+
+@functools.lru_cache(maxsize=32)
+def _audio_loss_fn(kinds: tuple, cfg: control_features.FeatureConfig):
+    """`term_losses` of audio alone, jitted once per kind of terms and features."""
+    shells = [Term(kind, size=size, option=option) for kind, size, option in kinds]
+    return jax.jit(lambda arrays, audio: term_losses(shells, arrays, None, audio, cfg))

@@ -35,8 +35,8 @@ from ldm_jax.diffusion.schedules import DiffusionError
 from ldm_jax.diffusion.unet import PRESETS, UNet, init_variables, make_unet
 
 SAMPLES_DIR = "samples"
-LONG_FORMS = ("window", "ditto", "none")
 SAMPLES_INDEX = "samples.json"
+LONG_FORMS = ("window", "ditto", "none")
 
 
 def ldm_dir(workdir: str) -> str:
@@ -406,8 +406,6 @@ class Generator:
             rows = min(self.batch_size, n - begin)
             size = parallel.bucket_rows(rows, self.batch_size)
             take = functools.partial(_rows, begin=begin, rows=rows, size=size)
-            noise = _rows(self.initial_noise(seeds[begin:begin + rows], frames), begin=0,
-                          rows=rows, size=size)  # already this chunk's rows
             cond = {k: _rows(v, begin=0, rows=rows, size=size)
                     for k, v in self.condition(prompts[begin:begin + rows]).items()}
             uncond = self.unconditional(cond, negative)
@@ -419,6 +417,8 @@ class Generator:
                     plan, fn, prompts[begin:begin + rows], seeds[begin:begin + rows], size,
                     cond, uncond, cfg_scale, ditto_config)
             else:
+                noise = _rows(self.initial_noise(seeds[begin:begin + rows], frames), begin=0,
+                              rows=rows, size=size)  # already this chunk's rows
                 latents = np.asarray(fn(params, noise, cond, uncond, jnp.float32(cfg_scale),
                                         take(x_init), take(known), take(mask),
                                         jax.random.key(seeds[begin]),

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ldm_jax import parallel
 from ldm_jax.controls import FeatureConfig, extract
 from ldm_jax.diffusion import ditto, samplers
 from ldm_jax.diffusion import schedules as sch
@@ -160,7 +161,7 @@ def test_memory_of_one_step_barely_grows_with_the_sampler_steps(unet_problem):
         step, optimizer = ditto.make_step(problem, terms, config)
         state = ditto.init_state(optimizer, x)
         compiled = jax.jit(step).lower(params, DECODER, state, context(4), arrays).compile()
-        return ditto.memory_bytes(compiled)
+        return parallel.memory_estimate(compiled)
 
     low, high = memory(10, True), memory(50, True)
     print(f"XLA memory estimate of one step: S=10 {low} B, S=50 {high} B")
